@@ -1,0 +1,210 @@
+"""netkit configuration: one object, passed in, never global.
+
+Every limit netkit enforces is a named field here with a sane default. ``Config`` is
+immutable; build variations with ``dataclasses.replace`` or ``Config.from_toml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+__all__ = ["Config", "ConfigError", "StaticLease", "parse_mac", "format_mac"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the setting at fault."""
+
+
+def parse_mac(text: str) -> bytes:
+    parts = text.replace("-", ":").split(":")
+    if len(parts) != 6:
+        raise ConfigError(f"not a MAC address: {text!r}")
+    try:
+        mac = bytes(int(p, 16) for p in parts)
+    except ValueError:
+        raise ConfigError(f"not a MAC address: {text!r}") from None
+    return mac
+
+
+def format_mac(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+@dataclass(frozen=True, slots=True)
+class StaticLease:
+    """A fixed address for a guest, by MAC or by vpnkit UUID."""
+
+    ip: IPv4Address
+    mac: bytes | None = None
+    uuid: str | None = None
+
+
+def _ip(name: str, value: Any) -> IPv4Address:
+    try:
+        return IPv4Address(str(value))
+    except ValueError:
+        raise ConfigError(f"{name}: not an IPv4 address: {value!r}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    # --- addressing (defaults as vpnkit / Docker Desktop) ---
+    subnet: IPv4Network = IPv4Network("192.168.65.0/24")
+    gateway_ip: IPv4Address = IPv4Address("192.168.65.1")
+    #: The address guests use to reach the host's own loopback (127.0.0.1).
+    host_ip: IPv4Address = IPv4Address("192.168.65.2")
+    lowest_ip: IPv4Address = IPv4Address("192.168.65.3")
+    highest_ip: IPv4Address = IPv4Address("192.168.65.254")
+    gateway_mac: bytes = bytes.fromhex("f616 36bc f9c6")
+    #: IP MTU offered to guests (DHCP option 26) and used to clamp TCP MSS.
+    mtu: int = 1500
+    #: Map the host alias IP to host 127.0.0.1 (``--no-host-loopback`` turns it off).
+    host_loopback: bool = True
+    #: Extra virtual IP -> real IP translations (``--nat VIRTUAL=REAL``).
+    nat: tuple[tuple[IPv4Address, IPv4Address], ...] = ()
+
+    # --- DHCP ---
+    lease_seconds: int = 7200
+    domain_name: str = "netkit.internal"
+    domain_search: tuple[str, ...] = ()
+    static_leases: tuple[StaticLease, ...] = ()
+
+    # --- switch limits ---
+    #: Most guest ports on one switch; attaches beyond are refused.
+    max_ports: int = 256
+    #: Most MAC addresses a single port may send from (1: the port locks to the
+    #: first MAC it sends from, like vpnkit's per-port MAC).
+    max_macs_per_port: int = 1
+    #: Bytes a link may queue towards a slow guest before frames are dropped.
+    link_send_queue_bytes: int = 4 * 1024 * 1024
+
+    # --- TCP NAT ---
+    tcp_connect_timeout: float = 15.0
+    max_connections: int = 65536
+    max_connections_per_guest: int = 16384
+
+    # --- misc ---
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if not isinstance(self.subnet, IPv4Network):
+            raise ConfigError("subnet: must be an IPv4 network")
+        for name in ("gateway_ip", "host_ip", "lowest_ip", "highest_ip"):
+            addr = getattr(self, name)
+            if addr not in self.subnet:
+                raise ConfigError(f"{name}: {addr} is not inside subnet {self.subnet}")
+            if addr in (self.subnet.network_address, self.subnet.broadcast_address):
+                raise ConfigError(f"{name}: {addr} is the subnet's network or broadcast address")
+        if self.gateway_ip == self.host_ip:
+            raise ConfigError("host_ip: must differ from gateway_ip")
+        if int(self.lowest_ip) > int(self.highest_ip):
+            raise ConfigError(f"lowest_ip: {self.lowest_ip} is above highest_ip {self.highest_ip}")
+        if not 576 <= self.mtu <= 65520:
+            raise ConfigError(f"mtu: {self.mtu} is outside 576..65520")
+        if len(self.gateway_mac) != 6 or self.gateway_mac[0] & 1:
+            raise ConfigError("gateway_mac: must be a 6-byte unicast MAC")
+        if self.lease_seconds < 60:
+            raise ConfigError("lease_seconds: must be at least 60")
+        for lease in self.static_leases:
+            if lease.ip not in self.subnet:
+                raise ConfigError(f"static_leases: {lease.ip} is not inside subnet {self.subnet}")
+            if (lease.mac is None) == (lease.uuid is None):
+                raise ConfigError("static_leases: each needs exactly one of mac or uuid")
+        for name in ("max_ports", "max_macs_per_port", "link_send_queue_bytes",
+                     "max_connections", "max_connections_per_guest"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be at least 1")
+        if self.tcp_connect_timeout <= 0:
+            raise ConfigError("tcp_connect_timeout: must be positive")
+
+    def pool(self) -> range:
+        """The integer addresses DHCP may hand out dynamically."""
+        return range(int(self.lowest_ip), int(self.highest_ip) + 1)
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any], base: "Config | None" = None) -> "Config":
+        """Build a Config from TOML-like keys (strings for addresses), over ``base``."""
+        base = base or cls()
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        changes: dict[str, Any] = {}
+        for key, value in data.items():
+            name = key.replace("-", "_")
+            if name not in fields:
+                raise ConfigError(f"unknown setting {key!r}")
+            changes[name] = _coerce(name, value)
+        if "subnet" in changes and not any(k in changes for k in ("gateway_ip", "host_ip", "lowest_ip", "highest_ip")):
+            changes.update(_addresses_for_subnet(changes["subnet"]))
+        try:
+            return dataclasses.replace(base, **changes)
+        except TypeError as e:  # pragma: no cover - field mismatch
+            raise ConfigError(str(e)) from None
+
+    @classmethod
+    def from_toml(cls, path: str, base: "Config | None" = None) -> "Config":
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"--config: cannot read {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"--config: {path} is not valid TOML: {e}") from None
+        return cls.from_mapping(data, base)
+
+
+def _addresses_for_subnet(subnet: IPv4Network) -> dict[str, IPv4Address]:
+    """Default gateway/host/pool addresses for a subnet, laid out as vpnkit does."""
+    first = int(subnet.network_address)
+    last = int(subnet.broadcast_address)
+    if last - first < 4:
+        raise ConfigError(f"subnet: {subnet} is too small (need at least a /29)")
+    return {
+        "gateway_ip": IPv4Address(first + 1),
+        "host_ip": IPv4Address(first + 2),
+        "lowest_ip": IPv4Address(first + 3),
+        "highest_ip": IPv4Address(last - 1),
+    }
+
+
+def _coerce(name: str, value: Any) -> Any:
+    try:
+        if name == "subnet":
+            return IPv4Network(str(value), strict=False)
+        if name in ("gateway_ip", "host_ip", "lowest_ip", "highest_ip"):
+            return _ip(name, value)
+        if name == "gateway_mac":
+            return parse_mac(value) if isinstance(value, str) else bytes(value)
+        if name == "nat":
+            pairs = value.items() if isinstance(value, dict) else (s.split("=", 1) for s in value)
+            return tuple((_ip("nat", v), _ip("nat", r)) for v, r in pairs)
+        if name in ("domain_search",):
+            return tuple(str(v) for v in value)
+        if name == "static_leases":
+            out = []
+            for item in value:
+                mac = parse_mac(item["mac"]) if "mac" in item else None
+                out.append(StaticLease(ip=_ip("static_leases", item["ip"]), mac=mac, uuid=item.get("uuid")))
+            return tuple(out)
+        if name in ("mtu", "lease_seconds", "max_ports", "max_macs_per_port", "link_send_queue_bytes",
+                    "max_connections", "max_connections_per_guest"):
+            return int(value)
+        if name in ("tcp_connect_timeout",):
+            return float(value)
+        if name in ("host_loopback",):
+            return bool(value)
+        return value
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{name}: invalid value {value!r}") from None
+
+
+def subnet_mask(subnet: IPv4Network) -> IPv4Address:
+    return ipaddress.IPv4Address(int(subnet.netmask))
