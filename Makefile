@@ -1,0 +1,39 @@
+# netkit: the two set-up commands are `make demo` and `make test` (see README).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test venv tools-test tools-demo tools-bench bench bench-smoke clean
+
+$(STAMP): pyproject.toml
+	@if ! $(PYTHON) -m venv $(VENV) >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing python3-venv" >&2; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv python3-pip >/dev/null; \
+	    rm -rf $(VENV); $(PYTHON) -m venv $(VENV); \
+	  else echo "error: '$(PYTHON) -m venv' failed; install python3-venv" >&2; exit 1; fi; \
+	fi
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+tools-test:
+	@scripts/install-debian-tools.sh test
+tools-demo:
+	@scripts/install-debian-tools.sh demo
+tools-bench:
+	@scripts/install-debian-tools.sh bench
+
+## demo: a namespace guest leases an address from netkit and pings the gateway
+demo: venv tools-demo
+	$(PY) -m netkit.demo
+
+## test: every test (privileged ones need root)
+test: venv tools-test
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,272 @@
+"""Command-line entry points: ``netkit-switch`` (the daemon) and ``netkit`` (run, ...)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from ipaddress import IPv4Address, IPv4Network
+from typing import Sequence
+
+import trio
+
+from .config import Config, ConfigError
+from .runtime import open_switch
+
+__all__ = ["main", "switch_main", "build_config"]
+
+log = logging.getLogger("netkit")
+
+
+class UsageError(Exception):
+    """A command-line problem; the message names the flag at fault."""
+
+
+# ----------------------------------------------------------------------------- options
+def add_switch_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("addressing")
+    g.add_argument("--config", metavar="FILE", help="TOML file with Config settings (flags override it)")
+    g.add_argument("--subnet", metavar="CIDR", help="guest subnet (default 192.168.65.0/24)")
+    g.add_argument("--gateway-ip", metavar="IP", help="gateway address (default .1 of the subnet)")
+    g.add_argument("--host-ip", metavar="IP", help="address that reaches host 127.0.0.1 (default .2)")
+    g.add_argument("--lowest-ip", metavar="IP", help="first DHCP pool address (default .3)")
+    g.add_argument("--highest-ip", metavar="IP", help="last DHCP pool address (default .254)")
+    g.add_argument("--mtu", type=int, metavar="N", help="MTU offered to guests (default 1500)")
+    g.add_argument("--nat", action="append", default=[], metavar="VIRTUAL=REAL",
+                   help="translate a virtual IP to a real one (repeatable)")
+    g.add_argument("--no-host-loopback", action="store_true",
+                   help="do not map the host IP to host 127.0.0.1")
+    g.add_argument("--pcap", metavar="FILE", help="capture every guest link's frames to a pcap file")
+    g.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
+                   help="log verbosity (default info)")
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    """Config from --config, then the flags; errors name the flag at fault."""
+    base = Config()
+    if args.config:
+        base = Config.from_toml(args.config)
+    overrides: dict[str, object] = {}
+    for flag in ("subnet", "gateway_ip", "host_ip", "lowest_ip", "highest_ip", "mtu", "log_level"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides[flag] = value
+    if getattr(args, "nat", None):
+        for item in args.nat:
+            if "=" not in item:
+                raise ConfigError(f"--nat: expected VIRTUAL=REAL, got {item!r}")
+        overrides["nat"] = list(args.nat)
+    if getattr(args, "no_host_loopback", False):
+        overrides["host_loopback"] = False
+    try:
+        return Config.from_mapping(overrides, base)
+    except ConfigError as e:
+        flag = str(e).split(":", 1)[0].replace("_", "-")
+        raise ConfigError(f"--{flag}: {str(e).split(':', 1)[-1].strip()}") from None
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+# ----------------------------------------------------------------------------- netkit-switch
+def switch_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="netkit-switch",
+        description="Run a netkit virtual switch: guests attached over taps or sockets get DHCP, "
+                    "and their connections become ordinary host socket calls.")
+    add_switch_options(p)
+    g = p.add_argument_group("guest links (any number, all on one switch)")
+    g.add_argument("--tap", action="append", default=[], metavar="NAME", help="create a tap device NAME")
+    g.add_argument("--netns", metavar="NS", help="move the --tap devices into this existing network namespace")
+    g.add_argument("--offload", action="store_true",
+                   help="negotiate virtio-net offloads (checksum, TSO) on --tap devices")
+    g.add_argument("--listen-qemu", action="append", default=[], metavar="PATH",
+                   help="unix socket for QEMU -netdev stream/socket (4-byte length framing)")
+    g.add_argument("--listen-vfkit", action="append", default=[], metavar="PATH",
+                   help="unix datagram socket for vfkit")
+    g.add_argument("--listen-vpnkit", "--ethernet", action="append", default=[], metavar="PATH",
+                   dest="listen_vpnkit", help="unix socket speaking the hyperkit/vpnkit protocol")
+    g.add_argument("--listen-vsock", action="append", default=[], type=int, metavar="PORT",
+                   help="AF_VSOCK port speaking the vpnkit protocol")
+    g.add_argument("--stdio", action="store_true", help="one guest on stdin/stdout (u16 LE framing)")
+    return p
+
+
+async def _open_link_sources(switch, args: argparse.Namespace, pcap_file) -> None:
+    """Attach taps and start listeners named on the command line."""
+    from .links.middleware import PcapCapture
+
+    def wrap(link):
+        return PcapCapture(link, pcap_file) if pcap_file is not None else link
+
+    config = switch.config
+    for name in args.tap:
+        from .links.tap import TapLink
+        try:
+            link = TapLink.create(name, netns=args.netns, offload=args.offload, mtu=config.mtu)
+        except OSError as e:
+            raise UsageError(f"--tap {name}: {e}") from None
+        switch.attach(wrap(link))
+        log.info("tap %s ready%s", name, f" in netns {args.netns}" if args.netns else "")
+    for path in args.listen_qemu:
+        from .links.qemu import QemuListener
+        await switch.listen(_WrappingListener(QemuListener(path), wrap))
+        log.info("listening for QEMU on %s", path)
+    for path in args.listen_vfkit:
+        from .links.vfkit import VfkitLink
+        try:
+            link = VfkitLink.bind(path)
+        except OSError as e:
+            raise UsageError(f"--listen-vfkit {path}: {e}") from None
+        switch.attach(wrap(link))
+        log.info("listening for vfkit on %s", path)
+    for path in args.listen_vpnkit:
+        from .links.vpnkit import VpnkitListener
+        listener = VpnkitListener(path, mtu=config.mtu, allocate=switch.gateway.allocate_for_uuid)
+        await switch.listen(_WrappingListener(listener, wrap))
+        log.info("listening for vpnkit protocol on %s", path)
+    for port in args.listen_vsock:
+        from .links.vsock import VsockListener
+        try:
+            listener = VsockListener(port, mtu=config.mtu, allocate=switch.gateway.allocate_for_uuid)
+        except OSError as e:
+            raise UsageError(f"--listen-vsock {port}: {e}") from None
+        await switch.listen(_WrappingListener(listener, wrap))
+        log.info("listening for vsock on port %d", port)
+    if args.stdio:
+        from .links.stdio import StdioLink
+        switch.attach(wrap(StdioLink()))
+
+
+class _WrappingListener:
+    """Applies link middleware (pcap) to every connection a listener accepts."""
+
+    def __init__(self, listener, wrap) -> None:
+        self.listener = listener
+        self.wrap = wrap
+
+    async def serve(self, on_link, *, task_status=trio.TASK_STATUS_IGNORED):
+        async def wrapped(link):
+            await on_link(self.wrap(link))
+        await self.listener.serve(wrapped, task_status=task_status)
+
+
+async def _wait_for_signal() -> int:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("received %s, shutting down", signal.Signals(signum).name)
+            return signum
+    return 0
+
+
+async def _run_switch(args: argparse.Namespace, config: Config) -> None:
+    pcap_file = open(args.pcap, "wb") if args.pcap else None
+    try:
+        async with open_switch(config) as switch:
+            await _open_link_sources(switch, args, pcap_file)
+            log.info("netkit switch up: gateway %s, host %s, subnet %s", config.gateway_ip, config.host_ip,
+                     config.subnet)
+            await _wait_for_signal()
+    finally:
+        if pcap_file is not None:
+            pcap_file.close()
+
+
+def switch_main(argv: Sequence[str] | None = None) -> int:
+    parser = switch_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = build_config(args)
+    except ConfigError as e:
+        parser.error(str(e))
+    if not (args.tap or args.listen_qemu or args.listen_vfkit or args.listen_vpnkit or args.listen_vsock
+            or args.stdio):
+        parser.error("no guest link given: use --tap, --listen-qemu, --listen-vfkit, --listen-vpnkit, "
+                     "--listen-vsock or --stdio")
+    if args.netns and not args.tap:
+        parser.error("--netns: only applies to --tap devices")
+    _setup_logging(config.log_level)
+    try:
+        trio.run(_run_switch, args, config)
+    except UsageError as e:
+        parser.error(str(e))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+# ----------------------------------------------------------------------------- netkit run
+def run_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "run", help="run a command in a fresh network namespace connected through netkit",
+        description="Make a fresh network namespace, attach it to a netkit switch through a tap "
+                    "(as eth0, with address, route, MTU and resolv.conf set), run CMD inside, "
+                    "exit with its status and clean up. Like `pasta -- CMD`.")
+    add_switch_options(p)
+    p.add_argument("--offload", action="store_true", help="negotiate virtio-net offloads on the tap")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...")
+    return p
+
+
+async def _run_command(config: Config, args: argparse.Namespace, argv: list[str]) -> int:
+    from .links.tap import TapLink
+    from .netns import Netns, unique_name
+
+    ns = Netns.create(unique_name("nkrun"))
+    pcap_file = open(args.pcap, "wb") if args.pcap else None
+    try:
+        async with open_switch(config) as switch:
+            tap_name = unique_name("nkt")
+            link = TapLink.create(tap_name, netns=ns.name, offload=args.offload, mtu=config.mtu)
+            if pcap_file is not None:
+                from .links.middleware import PcapCapture
+                link = PcapCapture(link, pcap_file)
+            ns.rename(tap_name, "eth0")
+            mac = ns.mac_of("eth0")
+            lease = switch.gateway.reserve(mac)
+            ns.configure("eth0", lease.ip, config.subnet, config.gateway_ip, config.mtu)
+            ns.write_resolv_conf(config.gateway_ip, config.domain_search)
+            switch.attach(link)
+            log.info("guest %s in netns %s", lease.ip, ns.name)
+            proc = await trio.run_process(ns.exec_args(argv), check=False, stdin=None)
+            switch_status = proc.returncode
+            # nursery exit cancels the switch
+            return switch_status if switch_status >= 0 else 128 - switch_status
+    finally:
+        ns.delete()
+        if pcap_file is not None:
+            pcap_file.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="netkit", description="netkit: a userspace network stack for "
+                                     "VMs and network namespaces.")
+    sub = parser.add_subparsers(dest="subcommand", required=True)
+    rp = run_parser(sub)
+    args = parser.parse_args(argv)
+    if args.subcommand == "run":
+        command = list(args.command)
+        if command and command[0] == "--":
+            command = command[1:]
+        if not command:
+            rp.error("no command given: netkit run [options] -- CMD ARGS...")
+        try:
+            config = build_config(args)
+        except ConfigError as e:
+            rp.error(str(e))
+        if os.geteuid() != 0:
+            rp.error("must run as root to create a network namespace and a tap device")
+        _setup_logging(config.log_level if args.log_level else "warning")
+        try:
+            return trio.run(_run_command, config, args, command)
+        except KeyboardInterrupt:
+            return 130
+    return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""The gateway endpoint: the switch's own station, with the gateway's and the host alias's IPs.
+
+It answers ARP for the addresses it owns, ICMP echo to the gateway, and DHCP, and hands
+every other IPv4 packet to exactly one handler: a service bound to a gateway port, or a
+NAT handler for the protocol. Every frame is classified synchronously; input from a guest
+is untrusted, so a malformed frame is counted under ``drops`` and dropped, never raised.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import struct
+from ipaddress import IPv4Address
+from typing import TYPE_CHECKING, Callable, Protocol
+
+from .config import Config, format_mac
+from .dhcp.leases import LeaseTable
+from .dhcp.server import DhcpServer
+from .wire import (ARP_REPLY, ARP_REQUEST, ArpPacket, IcmpView, Ipv4View, MalformedPacket, UdpView,
+                   icmp_frame, udp_frame)
+from .wire.ethernet import ETH_HEADER_LEN
+from .wire.icmpv4 import ECHO_REPLY, ECHO_REQUEST
+from .wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP
+
+if TYPE_CHECKING:
+    from .switch import Port, Switch
+
+__all__ = ["Gateway", "PacketHandler"]
+
+log = logging.getLogger("netkit.gateway")
+
+_ETH_IPV4 = b"\x08\x00"
+_ETH_ARP = b"\x08\x06"
+_LIMITED_BROADCAST = b"\xff\xff\xff\xff"
+DHCP_SERVER_PORT = 67
+DHCP_CLIENT_PORT = 68
+
+
+def mac_for_uuid(uuid: str) -> bytes:
+    """A stable, locally administered unicast MAC for a vpnkit client UUID."""
+    digest = hashlib.sha256(uuid.encode()).digest()
+    return bytes([(digest[0] & 0xFC) | 0x02]) + digest[1:6]
+
+
+class PacketHandler(Protocol):
+    """Takes an IPv4 packet the gateway classified as its own; must not raise."""
+
+    def __call__(self, port: "Port", src_mac: bytes, ip: Ipv4View, now: float) -> None: ...
+
+
+class Gateway:
+    """The gateway's station on the switch. See the module docstring."""
+
+    def __init__(self, config: Config, switch: "Switch", clock: Callable[[], float]) -> None:
+        self.config = config
+        self.switch = switch
+        self.clock = clock
+        self.mac = config.gateway_mac
+        self.ip = config.gateway_ip.packed
+        self.host_ip = config.host_ip.packed
+        self.subnet_broadcast = config.subnet.broadcast_address.packed
+        self.leases = LeaseTable(config)
+        self.dhcp = DhcpServer(config, self.leases)
+        #: Addresses the gateway answers ARP for: its own, the host alias, and NAT'd IPs in the subnet.
+        self.arp_owned: set[bytes] = {self.ip, self.host_ip}
+        for virtual, _real in config.nat:
+            if virtual in config.subnet:
+                self.arp_owned.add(virtual.packed)
+        #: Guest IP (packed) -> MAC, learned from ARP and IPv4 sources; used to reach guests by IP.
+        self.neighbors: dict[bytes, bytes] = {}
+        #: (protocol, port) on the gateway IP -> handler; services register here.
+        self.services: dict[tuple[int, int], PacketHandler] = {}
+        #: protocol -> handler for packets to any other destination (NAT).
+        self.nat: dict[int, PacketHandler] = {}
+        #: protocol -> handler for the gateway IP when no service owns the port
+        #: (e.g. TCP answers RST, UDP answers ICMP port unreachable).
+        self.unclaimed: dict[int, PacketHandler] = {}
+        self.frames_in = 0
+        self.drops: collections.Counter[str] = collections.Counter()
+        self.counters: collections.Counter[str] = collections.Counter()
+        switch.gateway = self
+        switch.on_detach(self._forget_port)
+
+    # ----- sending -----
+    def send_ipv4(self, dst_mac: bytes, frame: bytes, offload=None) -> bool:
+        return self.switch.deliver(dst_mac, frame, offload)
+
+    def mac_for_ip(self, ip: bytes) -> bytes | None:
+        mac = self.neighbors.get(ip)
+        if mac is None:
+            lease = self.leases.lookup_ip(IPv4Address(ip))
+            if lease is not None:
+                mac = lease.mac
+        return mac
+
+    # ----- the frame path -----
+    def input(self, port: "Port", frame: bytes) -> None:
+        """One frame addressed to the gateway (or broadcast). Never raises."""
+        self.frames_in += 1
+        ethertype = frame[12:14]
+        try:
+            if ethertype == _ETH_IPV4:
+                self._input_ipv4(port, frame)
+            elif ethertype == _ETH_ARP:
+                self._input_arp(port, frame)
+            else:
+                self.drops["ethertype"] += 1
+        except MalformedPacket:
+            self.drops["malformed"] += 1
+        except Exception:  # a handler bug must never take the switch down
+            self.drops["handler-error"] += 1
+            log.exception("gateway failed on a frame from port %d", port.id)
+
+    def _input_arp(self, port: "Port", frame: bytes) -> None:
+        arp = ArpPacket.parse_untrusted(memoryview(frame)[ETH_HEADER_LEN:])
+        src_mac = frame[6:12]
+        if arp.sender_mac != src_mac:
+            self.drops["arp-sender-mismatch"] += 1
+            return
+        if arp.sender_ip != b"\0\0\0\0":
+            self.neighbors[arp.sender_ip] = arp.sender_mac
+        if arp.operation == ARP_REQUEST and arp.target_ip in self.arp_owned:
+            reply = ArpPacket(ARP_REPLY, self.mac, arp.target_ip, arp.sender_mac, arp.sender_ip)
+            self.switch.deliver(src_mac, src_mac + self.mac + _ETH_ARP + reply.emit())
+            self.counters["arp-replies"] += 1
+        else:
+            # Replies teach us a neighbour; requests for other guests were flooded to them.
+            self.counters["arp-other"] += 1
+
+    def _input_ipv4(self, port: "Port", frame: bytes) -> None:
+        ip = Ipv4View(memoryview(frame)[ETH_HEADER_LEN:])
+        if not ip.header_checksum_ok():
+            self.drops["ipv4-checksum"] += 1
+            return
+        src_mac = frame[6:12]
+        dst = ip.dst
+        if ip.src != b"\0\0\0\0" and ip.src not in self.neighbors:
+            self.neighbors[ip.src] = src_mac
+        now = self.clock()
+        protocol = ip.protocol
+        if dst == self.ip:
+            if ip.is_fragment:
+                self.drops["fragment"] += 1
+                return
+            if protocol == PROTO_UDP:
+                udp = UdpView(ip.payload)
+                if udp.dst_port == DHCP_SERVER_PORT:
+                    self._input_dhcp(src_mac, ip, udp, now)
+                    return
+                handler = self.services.get((PROTO_UDP, udp.dst_port))
+            elif protocol == PROTO_TCP:
+                if len(ip.payload) < 4:
+                    raise MalformedPacket("TCP header truncated")
+                handler = self.services.get((PROTO_TCP, struct.unpack_from("!H", ip.payload, 2)[0]))
+            elif protocol == PROTO_ICMP:
+                self._input_icmp_to_gateway(src_mac, ip)
+                return
+            else:
+                handler = None
+            if handler is None:
+                handler = self.unclaimed.get(protocol)
+            if handler is None:
+                self.drops["no-service"] += 1
+                return
+            handler(port, src_mac, ip, now)
+            return
+        if dst == _LIMITED_BROADCAST or dst == self.subnet_broadcast:
+            if protocol == PROTO_UDP and not ip.is_fragment:
+                udp = UdpView(ip.payload)
+                if udp.dst_port == DHCP_SERVER_PORT:
+                    self._input_dhcp(src_mac, ip, udp, now)
+                    return
+            self.drops["broadcast"] += 1
+            return
+        if dst[0] >= 224:  # multicast and class E: never forwarded
+            self.drops["multicast"] += 1
+            return
+        handler = self.nat.get(protocol)
+        if handler is None:
+            self.drops["no-route"] += 1
+            return
+        handler(port, src_mac, ip, now)
+
+    def _input_icmp_to_gateway(self, src_mac: bytes, ip: Ipv4View) -> None:
+        icmp = IcmpView(ip.payload)
+        if not icmp.checksum_ok():
+            self.drops["icmp-checksum"] += 1
+            return
+        if icmp.type != ECHO_REQUEST:
+            self.drops["icmp-type"] += 1
+            return
+        frame = icmp_frame(src_mac, self.mac, self.ip, ip.src, ECHO_REPLY, 0, icmp.rest, icmp.body,
+                           ident=ip.ident)
+        self.switch.deliver(src_mac, frame)
+        self.counters["icmp-echo-replies"] += 1
+
+    def _input_dhcp(self, src_mac: bytes, ip: Ipv4View, udp: UdpView, now: float) -> None:
+        if not udp.checksum_ok(ip.src, ip.dst):
+            self.drops["udp-checksum"] += 1
+            return
+        reply = self.dhcp.handle_untrusted(udp.payload, src_mac=src_mac, now=now)
+        self._sync_binding(src_mac)
+        if reply is None:
+            return
+        frame = udp_frame(reply.dst_mac, self.mac, self.ip, reply.dst_ip.packed, DHCP_SERVER_PORT,
+                          DHCP_CLIENT_PORT, reply.payload)
+        self.switch.deliver(reply.dst_mac, frame)
+
+    # ----- leases and port security -----
+    def _sync_binding(self, mac: bytes) -> None:
+        lease = self.leases.lookup_mac(mac)
+        if lease is not None and lease.state == "bound":
+            self.switch.bind_ip(mac, lease.ip.packed)
+            self.neighbors[lease.ip.packed] = mac
+        else:
+            self.switch.bind_ip(mac, None)
+
+    def reserve(self, mac: bytes, ip: IPv4Address | None = None, uuid: str | None = None):
+        """Bind an address to ``mac`` without a DHCP exchange (static guest config)."""
+        lease = self.leases.reserve(mac, self.clock(), ip=ip, uuid=uuid)
+        self._sync_binding(mac)
+        return lease
+
+    def allocate_for_uuid(self, uuid: str, preferred_ip: IPv4Address | None) -> bytes:
+        """The MAC for a vpnkit client: derived from its UUID, so a reconnect (even after
+        a restart) gets the same MAC and therefore the same lease. A preferred IP is
+        reserved for it; a conflict raises ``AllocationError`` (sent as a Disconnect)."""
+        from .links.vpnkit import AllocationError
+        from .dhcp.leases import LeaseError
+
+        mac = mac_for_uuid(uuid)
+        self.leases.associate_uuid(uuid, mac)
+        if preferred_ip is not None:
+            try:
+                self.reserve(mac, preferred_ip, uuid)
+            except LeaseError as e:
+                raise AllocationError(str(e)) from None
+        return mac
+
+    def expire_leases(self) -> None:
+        for lease in self.leases.expire(self.clock()):
+            log.info("lease expired: %s %s", format_mac(lease.mac), lease.ip)
+            self._sync_binding(lease.mac)
+
+    def _forget_port(self, port: "Port") -> None:
+        for ip, mac in list(self.neighbors.items()):
+            if mac in port.macs:
+                del self.neighbors[ip]
+
+    def statistics(self) -> dict:
+        return {
+            "frames_in": self.frames_in,
+            "drops": {k: v for k, v in self.drops.items() if v},
+            "counters": dict(self.counters),
+            "dhcp": dict(self.dhcp.stats),
+        }
