@@ -73,6 +73,12 @@ class Config:
     domain_name: str = "netkit.internal"
     domain_search: tuple[str, ...] = ()
     static_leases: tuple[StaticLease, ...] = ()
+    #: How long an address offered in a DHCPOFFER stays held for the client that was
+    #: offered it. Short, so a DISCOVER flood cannot hold the pool for long.
+    offer_seconds: float = 30.0
+    #: How long an address a client rejected with DHCPDECLINE (because something else
+    #: answered ARP for it) is kept out of the pool.
+    decline_seconds: float = 600.0
 
     # --- switch limits ---
     #: Most guest ports on one switch; attaches beyond are refused.
@@ -113,11 +119,36 @@ class Config:
             raise ConfigError("gateway_mac: must be a 6-byte unicast MAC")
         if self.lease_seconds < 60:
             raise ConfigError("lease_seconds: must be at least 60")
+        if self.offer_seconds <= 0:
+            raise ConfigError("offer_seconds: must be positive")
+        if self.decline_seconds < 0:
+            raise ConfigError("decline_seconds: must not be negative")
+        # An empty domain_name means "send no option 15".
+        if self.domain_name and not _is_dns_name(self.domain_name):
+            raise ConfigError(f"domain_name: {self.domain_name!r} is not a valid DNS name")
+        for name in self.domain_search:
+            if not _is_dns_name(name):
+                raise ConfigError(f"domain_search: {name!r} is not a valid DNS name")
+        reserved_ips = {self.gateway_ip, self.host_ip}
+        seen_ips: set[IPv4Address] = set()
+        seen_keys: set[bytes | str] = set()
         for lease in self.static_leases:
             if lease.ip not in self.subnet:
                 raise ConfigError(f"static_leases: {lease.ip} is not inside subnet {self.subnet}")
+            if lease.ip in reserved_ips or lease.ip in (self.subnet.network_address,
+                                                        self.subnet.broadcast_address):
+                raise ConfigError(f"static_leases: {lease.ip} is the gateway, host, network or broadcast address")
             if (lease.mac is None) == (lease.uuid is None):
                 raise ConfigError("static_leases: each needs exactly one of mac or uuid")
+            if lease.mac is not None and (len(lease.mac) != 6 or lease.mac[0] & 1):
+                raise ConfigError("static_leases: mac must be a 6-byte unicast MAC")
+            key = lease.mac if lease.mac is not None else lease.uuid
+            if lease.ip in seen_ips or key in seen_keys:
+                # Two owners for one address (or two addresses for one guest) would make
+                # the lease a guest gets depend on the order of the list.
+                raise ConfigError(f"static_leases: duplicate address or guest for {lease.ip}")
+            seen_ips.add(lease.ip)
+            seen_keys.add(key)  # type: ignore[arg-type]
         for name in ("max_ports", "max_macs_per_port", "link_send_queue_bytes",
                      "max_connections", "max_connections_per_guest"):
             if getattr(self, name) < 1:
@@ -173,6 +204,15 @@ def _addresses_for_subnet(subnet: IPv4Network) -> dict[str, IPv4Address]:
     }
 
 
+def _is_dns_name(name: str) -> bool:
+    """True if ``name`` can be sent in DHCP options 15 and 119: ASCII labels of 1..63
+    bytes, at most 253 characters in all (a trailing dot is allowed)."""
+    if not name or not name.isascii() or len(name.rstrip(".")) > 253:
+        return False
+    labels = name.rstrip(".").split(".")
+    return all(0 < len(label) <= 63 and label.isprintable() and " " not in label for label in labels)
+
+
 def _coerce(name: str, value: Any) -> Any:
     try:
         if name == "subnet":
@@ -195,7 +235,7 @@ def _coerce(name: str, value: Any) -> Any:
         if name in ("mtu", "lease_seconds", "max_ports", "max_macs_per_port", "link_send_queue_bytes",
                     "max_connections", "max_connections_per_guest"):
             return int(value)
-        if name in ("tcp_connect_timeout",):
+        if name in ("tcp_connect_timeout", "offer_seconds", "decline_seconds"):
             return float(value)
         if name in ("host_loopback",):
             return bool(value)

@@ -14,6 +14,7 @@ it asks for one). Violations are dropped and counted, never raised.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import logging
 from dataclasses import dataclass, field
@@ -60,7 +61,7 @@ class Port:
 
     def describe(self) -> dict:
         return {"id": self.id, "link": self.link.name, "macs": [format_mac(m) for m in sorted(self.macs)],
-                "stats": vars(self.link.statistics()).copy()}
+                "stats": dataclasses.asdict(self.link.statistics())}
 
 
 class Switch:
