@@ -96,12 +96,12 @@ def switch_parser() -> argparse.ArgumentParser:
     return p
 
 
-async def _open_link_sources(switch, args: argparse.Namespace, pcap_file) -> None:
+async def _open_link_sources(switch, args: argparse.Namespace, pcap_writer) -> None:
     """Attach taps and start listeners named on the command line."""
     from .links.middleware import PcapCapture
 
     def wrap(link):
-        return PcapCapture(link, pcap_file) if pcap_file is not None else link
+        return PcapCapture(link, pcap_writer) if pcap_writer is not None else link
 
     config = switch.config
     for name in args.tap:
@@ -163,8 +163,19 @@ async def _wait_for_signal() -> int:
     return 0
 
 
+def _open_pcap(path: str | None):
+    """One capture file shared by every link (one pcap header, frames interleaved)."""
+    if not path:
+        return None
+    from .links.middleware import PcapWriter
+    try:
+        return PcapWriter(path)
+    except OSError as e:
+        raise UsageError(f"--pcap {path}: {e.strerror or e}") from None
+
+
 async def _run_switch(args: argparse.Namespace, config: Config) -> None:
-    pcap_file = open(args.pcap, "wb") if args.pcap else None
+    pcap_file = _open_pcap(args.pcap)
     try:
         async with open_switch(config) as switch:
             await _open_link_sources(switch, args, pcap_file)
@@ -216,8 +227,8 @@ async def _run_command(config: Config, args: argparse.Namespace, argv: list[str]
     from .links.tap import TapLink
     from .netns import Netns, unique_name
 
+    pcap_file = _open_pcap(args.pcap)
     ns = Netns.create(unique_name("nkrun"))
-    pcap_file = open(args.pcap, "wb") if args.pcap else None
     try:
         async with open_switch(config) as switch:
             tap_name = unique_name("nkt")
@@ -263,6 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _setup_logging(config.log_level if args.log_level else "warning")
         try:
             return trio.run(_run_command, config, args, command)
+        except UsageError as e:
+            rp.error(str(e))
         except KeyboardInterrupt:
             return 130
     return 2
