@@ -10,6 +10,8 @@ import trio
 
 from .config import Config
 from .gateway import Gateway
+from .nat.host import HostNetwork
+from .nat.tcp import TcpNat
 from .switch import Switch
 
 __all__ = ["open_switch", "LEASE_EXPIRY_INTERVAL"]
@@ -27,17 +29,19 @@ async def _sweep_leases(gateway: Gateway) -> None:
 
 
 @asynccontextmanager
-async def open_switch(config: Config | None = None) -> AsyncIterator[Switch]:
+async def open_switch(config: Config | None = None, *, host: HostNetwork | None = None) -> AsyncIterator[Switch]:
     """Run a switch with its gateway for the duration of the ``async with`` block.
 
     ``switch.attach(link)`` plugs guests in; ``switch.listen(listener)`` serves a
     listener (qemu, vfkit, vpnkit...) whose connections become ports. Leaving the block
-    closes every link.
+    closes every link. ``host`` creates the host sockets for guest flows (inject a
+    subclass to simulate refused, unreachable or slow destinations).
     """
     config = config or Config()
     async with trio.open_nursery() as nursery:
         switch = Switch(config, nursery)
         gateway = Gateway(config, switch, trio.current_time)
+        switch.tcp_nat = TcpNat(config, gateway, nursery, host)
         nursery.start_soon(_sweep_leases, gateway, name="lease-sweeper")
         try:
             yield switch

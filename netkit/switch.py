@@ -80,7 +80,9 @@ class Switch:
         self.frames_out = 0
         self.drops: collections.Counter[str] = collections.Counter()
         self.gateway: Gateway | None = None
+        self.tcp_nat = None  # set by open_switch: netkit.nat.tcp.TcpNat
         self._detach_hooks: list[Callable[[Port], None]] = []
+        self._batch_hooks: list[Callable[[], None]] = []
 
     # ----- ports -----
     def attach(self, link: Link) -> Port:
@@ -103,6 +105,11 @@ class Switch:
         """Call ``hook(port)`` when a port goes away (flows it owned are torn down there)."""
         self._detach_hooks.append(hook)
 
+    def on_batch_done(self, hook: Callable[[], None]) -> None:
+        """Call ``hook()`` after each batch of frames from a link has been input, so
+        protocol machines can coalesce their output (one ACK for many segments)."""
+        self._batch_hooks.append(hook)
+
     def ports(self) -> list[Port]:
         return list(self._ports.values())
 
@@ -116,6 +123,8 @@ class Switch:
                         batch = await link.receive_batch()
                         for frame in batch:
                             self.input(port, frame)
+                        for hook in self._batch_hooks:
+                            hook()
                 except LinkClosed:
                     pass
                 nursery.cancel_scope.cancel()

@@ -1,0 +1,473 @@
+"""TCP NAT: guest connections become host socket connections.
+
+A guest SYN to D:p becomes a non-blocking host ``connect()`` to D:p (after address
+translation) in a task of its own, so a slow or silent destination never delays any
+other flow. Only when it succeeds does the guest get a SYN-ACK; a refusal gets RST,
+EHOSTUNREACH/ENETUNREACH an ICMP unreachable, a timeout RST.
+
+As in vpnkit, flows are grouped into one ``DestinationStack`` per remote IP. Each flow
+holds a sans-I/O ``TcpConnection`` (the engine) and a host socket:
+
+- guest -> host: the packet path feeds segments to the engine; at the end of each batch
+  of frames the engine's in-order data is written straight to the host socket
+  (non-blocking). Whatever the socket does not take stays in the engine, whose
+  advertised window shrinks, so a slow host slows the guest instead of growing a buffer.
+  A flow task waits for writability only while data is pending.
+- host -> guest: the flow task reads the host socket only while the engine has send
+  space (the guest's window and our send buffer), so a slow guest slows the host.
+- guest FIN -> ``shutdown(SHUT_WR)``; host EOF -> FIN; host reset -> RST; guest RST ->
+  host socket closed with RST (SO_LINGER 0). Idle flows are never timed out.
+
+All engine timers share one task and one heap.
+"""
+
+from __future__ import annotations
+
+import errno
+import heapq
+import itertools
+import logging
+import socket
+import struct
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+from typing import TYPE_CHECKING
+
+import trio
+
+from ..config import Config
+from ..links.base import TxOffload
+from ..tcp import TcpConnection, TcpSettings
+from ..tcp.events import Closed, Connected, DataReceived, PeerFinished, Reset, SendSpace, TimedOut
+from ..tcp.segment import Segment, is_connection_request, rst_for
+from ..tcp.state import TcpState
+from ..wire import Ipv4View, TcpView, build_tcp_header, icmp_frame, tcp_frame
+from ..wire.frames import TCP_CSUM_OFFSET, TCP_CSUM_START
+from ..wire.icmpv4 import DEST_UNREACHABLE, UNREACH_HOST, UNREACH_NET
+from ..wire.ipv4 import PROTO_TCP
+from .host import HostNetwork, translate_destination
+
+if TYPE_CHECKING:
+    from ..gateway import Gateway
+    from ..switch import Port
+
+__all__ = ["TcpNat", "TcpFlow", "DestinationStack"]
+
+log = logging.getLogger("netkit.nat.tcp")
+
+_VIRTIO_NET_HDR_GSO_TCPV4 = 1
+#: Largest IPv4 packet a GSO frame may describe.
+_GSO_MAX_PACKET = 65535
+#: Most bytes read from a host socket at once.
+_READ_CHUNK = 256 * 1024
+_LINGER_RST = struct.pack("ii", 1, 0)
+
+
+@dataclass(eq=False)
+class TcpFlow:
+    """One guest connection and its host socket."""
+
+    nat: "TcpNat"
+    port: "Port"
+    guest_mac: bytes
+    guest_ip: bytes
+    guest_port: int
+    dst_ip: bytes
+    dst_port: int
+    conn: TcpConnection
+    #: The first 28 bytes of the guest's SYN (IP header + 8), quoted in ICMP errors.
+    syn_quote: bytes = b""
+    sock: socket.socket | None = None
+    created: float = 0.0
+    bytes_to_host: int = 0
+    bytes_to_guest: int = 0
+    #: Set when the guest's FIN has been passed on (host socket write side shut).
+    host_write_shut: bool = False
+    timer_deadline: float | None = None
+    closed: bool = False
+    cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    #: Woken when the engine has room for more host data, or data waits for the host.
+    wake_reader: trio.Event = field(default_factory=trio.Event)
+    wake_writer: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def key(self) -> tuple[bytes, int, int]:
+        return (self.guest_ip, self.guest_port, self.dst_port)
+
+    def describe(self) -> dict:
+        return {
+            "protocol": "tcp",
+            "guest": f"{IPv4Address(self.guest_ip)}:{self.guest_port}",
+            "destination": f"{IPv4Address(self.dst_ip)}:{self.dst_port}",
+            "state": self.conn.state.name,
+            "bytes_to_host": self.bytes_to_host,
+            "bytes_to_guest": self.bytes_to_guest,
+        }
+
+
+@dataclass(eq=False)
+class DestinationStack:
+    """The flows towards one remote IP (vpnkit's per-destination stack)."""
+
+    dst_ip: bytes
+    real_ip: IPv4Address
+    flows: dict[tuple[bytes, int, int], TcpFlow] = field(default_factory=dict)
+
+
+class TcpNat:
+    """The TCP handler of a gateway: NAT for guest connections, RST for closed ports."""
+
+    def __init__(self, config: Config, gateway: "Gateway", nursery: trio.Nursery,
+                 host: HostNetwork | None = None) -> None:
+        self.config = config
+        self.gateway = gateway
+        self.nursery = nursery
+        self.host = host or HostNetwork()
+        mss = config.mtu - 40
+        self.settings = TcpSettings(mss=mss)
+        # With offloads the guest's kernel cuts our large segments at its MSS.
+        gso_payload = (_GSO_MAX_PACKET - 20 - 60) // mss * mss
+        self.offload_settings = TcpSettings(mss=mss, tso_size=gso_payload)
+        self.stacks: dict[bytes, DestinationStack] = {}
+        self.flow_count = 0
+        self.per_guest: dict[bytes, int] = {}
+        self.counters: dict[str, int] = {}
+        self._dirty: dict[TcpFlow, None] = {}
+        self._timers: list[tuple[float, int, TcpFlow]] = []
+        self._timer_seq = itertools.count()
+        self._timer_wakeup = trio.Event()
+        self._timer_target = float("inf")
+        self._options_cache: tuple[object, bytes] = (None, b"")
+        gateway.nat[PROTO_TCP] = self.input
+        gateway.unclaimed[PROTO_TCP] = self.input
+        gateway.switch.on_batch_done(self.flush)
+        gateway.switch.on_detach(self._port_detached)
+        nursery.start_soon(self._run_timers, name="tcp-timers")
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+    # ------------------------------------------------------------------ packet path
+    def input(self, port: "Port", src_mac: bytes, ip: Ipv4View, now: float) -> None:
+        """One TCP segment from a guest (called by the gateway; must not raise)."""
+        if ip.is_fragment:
+            self._count("fragment-dropped")
+            return
+        tcp = TcpView(ip.payload)
+        if not port.link.offload and not tcp.checksum_ok(ip.src, ip.dst):
+            self._count("bad-checksum")
+            return
+        stack = self.stacks.get(ip.dst)
+        flow = stack.flows.get((ip.src, tcp.src_port, tcp.dst_port)) if stack is not None else None
+        seg = Segment(tcp.seq, tcp.ack, tcp.flags, tcp.window, tcp.options(), tcp.payload)
+        if flow is not None:
+            if flow.port is not port:
+                self._count("wrong-port")
+                return
+            conn = flow.conn
+            if conn.state is TcpState.TIME_WAIT and is_connection_request(seg) and conn.can_reuse_for(seg):
+                self._close_flow(flow)
+            else:
+                conn.receive_segment(seg, now)
+                self._dirty[flow] = None
+                return
+        if not is_connection_request(seg):
+            self._reply_rst(port, src_mac, ip, tcp, seg)
+            return
+        self._open_flow(port, src_mac, ip, tcp, seg, now)
+
+    def _reply_rst(self, port: "Port", src_mac: bytes, ip: Ipv4View, tcp: TcpView, seg: Segment) -> None:
+        rst = rst_for(seg)
+        if rst is None:
+            self._count("rst-ignored")
+            return
+        header = build_tcp_header(tcp.dst_port, tcp.src_port, rst.seq, rst.ack, rst.flags, 0)
+        port.link.send(tcp_frame(src_mac, self.gateway.mac, ip.dst, ip.src, header, b""))
+        self._count("rst-sent")
+
+    def _open_flow(self, port: "Port", src_mac: bytes, ip: Ipv4View, tcp: TcpView, seg: Segment,
+                   now: float) -> None:
+        real = translate_destination(self.config, IPv4Address(ip.dst))
+        if real is None:  # the gateway (no service on this port) or a disabled host alias
+            self._count("closed-port")
+            self._reply_rst(port, src_mac, ip, tcp, seg)
+            return
+        if self.flow_count >= self.config.max_connections:
+            self._count("connection-limit")
+            self._reply_rst(port, src_mac, ip, tcp, seg)
+            return
+        if self.per_guest.get(ip.src, 0) >= self.config.max_connections_per_guest:
+            self._count("guest-connection-limit")
+            self._reply_rst(port, src_mac, ip, tcp, seg)
+            return
+        settings = self.offload_settings if port.link.offload else self.settings
+        conn = TcpConnection.from_syn(seg, now, settings)
+        stack = self.stacks.get(ip.dst)
+        if stack is None:
+            stack = self.stacks[ip.dst] = DestinationStack(ip.dst, real)
+        flow = TcpFlow(self, port, src_mac, ip.src, tcp.src_port, ip.dst, tcp.dst_port, conn,
+                       syn_quote=bytes(ip.buf[:ip.header_len + 8]), created=now)
+        stack.flows[flow.key] = flow
+        self.flow_count += 1
+        self.per_guest[ip.src] = self.per_guest.get(ip.src, 0) + 1
+        self._count("connections-opened")
+        self.nursery.start_soon(self._run_flow, flow, real)
+
+    def flush(self) -> None:
+        """End of a batch of frames: act on every flow the batch touched."""
+        if not self._dirty:
+            return
+        dirty = self._dirty
+        self._dirty = {}
+        now = trio.current_time()
+        for flow in dirty:
+            self._service(flow, now)
+
+    # ------------------------------------------------------------------ engine output
+    def _service(self, flow: TcpFlow, now: float) -> None:
+        """Move data between engine and host socket, send segments, handle events."""
+        if flow.closed:
+            return
+        conn = flow.conn
+        if conn.received_size and flow.sock is not None and not flow.host_write_shut:
+            self._write_to_host(flow, now)
+        for event in conn.take_events():
+            kind = type(event)
+            if kind is DataReceived:
+                pass  # written above, or by the writer task once the socket has room
+            elif kind is SendSpace:
+                flow.wake_reader.set()
+            elif kind is PeerFinished:
+                pass  # handled below once every byte before the FIN reached the host
+            elif kind is Connected:
+                flow.wake_reader.set()
+            elif kind is Reset:
+                self._count("guest-resets")
+                self._abort_host(flow)
+            elif kind is TimedOut:
+                self._count("timeouts")
+                self._abort_host(flow)
+            elif kind is Closed:
+                self._transmit(flow)
+                self._close_flow(flow)
+                return
+        if conn.peer_finished and not conn.received_size and not flow.host_write_shut and flow.sock is not None:
+            flow.host_write_shut = True
+            try:
+                flow.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        self._transmit(flow)
+        self._schedule(flow, conn.get_timer())
+
+    def _write_to_host(self, flow: TcpFlow, now: float) -> None:
+        conn = flow.conn
+        sock = flow.sock
+        total = 0
+        try:
+            while conn.received_size:
+                data = conn.received()
+                n = sock.send(data)
+                conn.consume(n, now)
+                total += n
+                if n < len(data):
+                    flow.wake_writer.set()
+                    break
+        except BlockingIOError:
+            flow.wake_writer.set()
+        except OSError:
+            self._count("host-write-errors")
+            conn.abort(now)
+        flow.bytes_to_host += total
+
+    def _transmit(self, flow: TcpFlow) -> None:
+        out = flow.conn.take_outgoing()
+        if not out:
+            return
+        link = flow.port.link
+        gw_mac = self.gateway.mac
+        offload = link.offload
+        mss = flow.conn.send_mss
+        cache_key, cache_bytes = self._options_cache
+        for seg in out:
+            opts = seg.options
+            if opts is cache_key:
+                opt_bytes = cache_bytes
+            else:
+                opt_bytes = opts.emit()
+                cache_key, cache_bytes = opts, opt_bytes
+            header = build_tcp_header(flow.dst_port, flow.guest_port, seg.seq, seg.ack, seg.flags, seg.window,
+                                      opt_bytes)
+            payload = seg.payload
+            if offload:
+                frame = tcp_frame(flow.guest_mac, gw_mac, flow.dst_ip, flow.guest_ip, header, payload,
+                                  partial_checksum=True)
+                if len(payload) > mss:
+                    tx = TxOffload(TCP_CSUM_START, TCP_CSUM_OFFSET, _VIRTIO_NET_HDR_GSO_TCPV4, mss,
+                                   TCP_CSUM_START + len(header))
+                else:
+                    tx = TxOffload(TCP_CSUM_START, TCP_CSUM_OFFSET)
+                link.send(frame, tx)
+            else:
+                link.send(tcp_frame(flow.guest_mac, gw_mac, flow.dst_ip, flow.guest_ip, header, payload))
+            flow.bytes_to_guest += len(payload)
+        self._options_cache = (cache_key, cache_bytes)
+
+    # ------------------------------------------------------------------ timers
+    def _schedule(self, flow: TcpFlow, deadline: float | None) -> None:
+        if deadline == flow.timer_deadline:
+            return
+        flow.timer_deadline = deadline
+        if deadline is None:
+            return
+        heapq.heappush(self._timers, (deadline, next(self._timer_seq), flow))
+        if deadline < self._timer_target:
+            self._timer_wakeup.set()
+
+    async def _run_timers(self) -> None:
+        timers = self._timers
+        while True:
+            self._timer_wakeup = trio.Event()
+            self._timer_target = timers[0][0] if timers else float("inf")
+            with trio.move_on_at(self._timer_target):
+                await self._timer_wakeup.wait()
+            now = trio.current_time()
+            while timers and timers[0][0] <= now:
+                deadline, _, flow = heapq.heappop(timers)
+                if flow.closed or flow.timer_deadline != deadline:
+                    continue  # superseded
+                flow.timer_deadline = None
+                flow.conn.handle_timer(now)
+                self._service(flow, now)
+
+    # ------------------------------------------------------------------ host side
+    async def _run_flow(self, flow: TcpFlow, real: IPv4Address) -> None:
+        with flow.cancel_scope:
+            try:
+                with trio.fail_after(self.config.tcp_connect_timeout):
+                    sock = await self.host.connect_tcp(real, flow.dst_port)
+            except trio.TooSlowError:
+                self._count("connect-timeouts")
+                self._refuse(flow)
+                return
+            except OSError as e:
+                self._connect_failed(flow, e)
+                return
+            if flow.closed:  # the guest gave up (RST) while we were connecting
+                sock.close()
+                return
+            flow.sock = sock
+            now = trio.current_time()
+            flow.conn.accept(now)
+            self._service(flow, now)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._host_writer, flow)
+                await self._host_reader(flow)
+                await trio.sleep_forever()  # the flow ends through _close_flow's cancel
+
+    def _connect_failed(self, flow: TcpFlow, e: OSError) -> None:
+        if e.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+            self._count("connect-unreachable")
+            code = UNREACH_HOST if e.errno == errno.EHOSTUNREACH else UNREACH_NET
+            frame = icmp_frame(flow.guest_mac, self.gateway.mac, self.gateway.ip, flow.guest_ip, DEST_UNREACHABLE,
+                               code, b"\0\0\0\0", flow.syn_quote)
+            flow.port.link.send(frame)
+            self._close_flow(flow)
+            return
+        self._count("connect-refused" if e.errno == errno.ECONNREFUSED else "connect-errors")
+        self._refuse(flow)
+
+    def _refuse(self, flow: TcpFlow) -> None:
+        flow.conn.refuse(trio.current_time())
+        self._transmit(flow)
+        self._close_flow(flow)
+
+    async def _host_reader(self, flow: TcpFlow) -> None:
+        """Host -> guest, only while the engine has room."""
+        sock = flow.sock
+        conn = flow.conn
+        while not flow.closed:
+            space = conn.send_space()
+            if space <= 0:
+                if conn.state not in (TcpState.ESTABLISHED, TcpState.CLOSE_WAIT, TcpState.SYN_RECEIVED):
+                    return
+                flow.wake_reader = trio.Event()
+                await flow.wake_reader.wait()
+                continue
+            try:
+                data = sock.recv(min(space, _READ_CHUNK))
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            except OSError:
+                self._count("host-resets")
+                now = trio.current_time()
+                conn.abort(now)
+                self._service(flow, now)
+                return
+            now = trio.current_time()
+            if not data:
+                conn.shutdown(now)  # host EOF -> FIN after the buffered data
+                self._service(flow, now)
+                return
+            conn.send(data, now)
+            self._service(flow, now)
+
+    async def _host_writer(self, flow: TcpFlow) -> None:
+        """Guest -> host data the socket could not take at once."""
+        sock = flow.sock
+        while not flow.closed:
+            flow.wake_writer = trio.Event()
+            if not flow.conn.received_size:
+                await flow.wake_writer.wait()
+                continue
+            await trio.lowlevel.wait_writable(sock)
+            self._service(flow, trio.current_time())
+
+    def _abort_host(self, flow: TcpFlow) -> None:
+        """The guest reset (or the engine gave up): reset the host side too."""
+        sock = flow.sock
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+            except OSError:
+                pass
+
+    def _close_flow(self, flow: TcpFlow) -> None:
+        if flow.closed:
+            return
+        flow.closed = True
+        stack = self.stacks.get(flow.dst_ip)
+        if stack is not None and stack.flows.get(flow.key) is flow:
+            del stack.flows[flow.key]
+            if not stack.flows:
+                del self.stacks[flow.dst_ip]
+        self.flow_count -= 1
+        remaining = self.per_guest.get(flow.guest_ip, 1) - 1
+        if remaining:
+            self.per_guest[flow.guest_ip] = remaining
+        else:
+            self.per_guest.pop(flow.guest_ip, None)
+        self._dirty.pop(flow, None)
+        flow.cancel_scope.cancel()
+        sock = flow.sock
+        if sock is not None:
+            flow.sock = None
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
+        self._count("connections-closed")
+
+    def _port_detached(self, port: "Port") -> None:
+        """The guest's link is gone: reset the host side of every flow it owned."""
+        for stack in list(self.stacks.values()):
+            for flow in list(stack.flows.values()):
+                if flow.port is port:
+                    self._abort_host(flow)
+                    self._close_flow(flow)
+
+    # ------------------------------------------------------------------ introspection
+    def flows(self) -> list[TcpFlow]:
+        return [flow for stack in self.stacks.values() for flow in stack.flows.values()]
+
+    def statistics(self) -> dict:
+        return {"flows": self.flow_count, "destinations": len(self.stacks), **self.counters}
