@@ -102,6 +102,10 @@ class Link(abc.ABC):
                 if self._try_send(frame, offload):
                     self.stats.frames_sent += 1
                     self.stats.bytes_sent += len(frame)
+                    if self._has_pending():
+                        # A partial write left a tail: wake run_sender to finish it, or
+                        # it would sit there until the next send().
+                        self._queue_nonempty.set()
                     return True
             except OSError:
                 self.stats.send_dropped += 1
@@ -123,7 +127,7 @@ class Link(abc.ABC):
                 continue
             try:
                 await self._wait_send_ready()
-            except (OSError, trio.ClosedResourceError):
+            except (OSError, trio.ClosedResourceError, LinkClosed):
                 return
             if self._has_pending():
                 try:
@@ -146,6 +150,10 @@ class Link(abc.ABC):
                     break
                 self._queue.popleft()
                 self.stats.queued_bytes -= len(frame)
+                if self._has_pending():
+                    # That frame was only partly written; writing the next one now
+                    # would interleave its bytes with the unwritten tail.
+                    break
 
     # ----- lifecycle -----
     @property
@@ -176,7 +184,11 @@ class Link(abc.ABC):
     # ----- for subclasses -----
     @abc.abstractmethod
     async def _receive_batch(self) -> list[Frame]:
-        """Wait for and return at least one frame; raise LinkClosed at EOF."""
+        """Wait for and return at least one frame; raise LinkClosed at EOF.
+
+        Must be cancel-safe: if cancelled, no frame may have been consumed (so a caller
+        may wrap ``receive_batch`` in a timeout without losing frames).
+        """
 
     @abc.abstractmethod
     def _try_send(self, frame: Frame, offload: TxOffload | None) -> bool:

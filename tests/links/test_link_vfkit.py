@@ -1,0 +1,164 @@
+"""vfkit: one frame per unix datagram, peer learned from the first datagram."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import trio
+
+from netkit.links import LinkClosed, VfkitLink
+
+
+class FakeVfkit:
+    """A datagram socket bound at its own path, like vfkit's end."""
+
+    def __init__(self, path: str, link_path: str) -> None:
+        self.path = path
+        self.link_path = link_path
+        self.sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+
+    async def start(self) -> "FakeVfkit":
+        await self.sock.bind(self.path)
+        return self
+
+    async def send(self, data: bytes) -> None:
+        await self.sock.sendto(data, self.link_path)
+
+    async def recv(self) -> bytes:
+        return await self.sock.recv(70000)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+async def vfkit(sock_dir):
+    link = VfkitLink.bind(str(sock_dir / "vfkit.sock"))
+    peer = await FakeVfkit(str(sock_dir / "vm.sock"), link.path).start()
+    yield link, peer
+    peer.close()
+    await link.aclose()
+
+
+async def test_magic_is_swallowed_and_frames_round_trip(vfkit):
+    link, vm = vfkit
+    await vm.send(b"VFKT")
+    for i in range(5):
+        await vm.send(bytes([i]) * 1500)
+    batch = await link.receive_batch()
+    assert batch == [bytes([i]) * 1500 for i in range(5)]
+    assert link.peer == vm.path
+    for i in range(3):
+        assert link.send(bytes([i + 10]) * 64)
+    assert [await vm.recv() for _ in range(3)] == [bytes([i + 10]) * 64 for i in range(3)]
+    assert link.stats.frames_sent == 3 and link.stats.frames_received == 5
+
+
+async def test_peer_learned_from_first_frame_without_magic(vfkit):
+    link, vm = vfkit
+    await vm.send(b"f" * 100)
+    assert await link.receive_batch() == [b"f" * 100]
+    assert link.peer == vm.path
+
+
+async def test_large_frames_pass_whole(vfkit):
+    link, vm = vfkit
+    await vm.send(b"L" * 65000)
+    assert await link.receive_batch() == [b"L" * 65000]
+    link.send(b"M" * 65000)
+    assert await vm.recv() == b"M" * 65000
+
+
+async def test_send_before_any_peer_is_dropped(vfkit):
+    link, _ = vfkit
+    assert not link.send(b"x" * 60)
+    assert link.stats.send_dropped == 1
+
+
+async def test_other_senders_are_counted_and_ignored(vfkit, sock_dir):
+    link, vm = vfkit
+    await vm.send(b"VFKT")
+    stranger = await FakeVfkit(str(sock_dir / "other.sock"), link.path).start()
+    await stranger.send(b"s" * 80)
+    await vm.send(b"v" * 80)
+    assert await link.receive_batch() == [b"v" * 80]
+    assert link.stats.receive_errors == 1
+    assert link.peer == vm.path
+    stranger.close()
+
+
+async def test_vfkt_from_a_new_address_retargets(vfkit, sock_dir):
+    link, vm = vfkit
+    await vm.send(b"a" * 60)
+    assert await link.receive_batch() == [b"a" * 60]
+    restarted = await FakeVfkit(str(sock_dir / "vm2.sock"), link.path).start()
+    await restarted.send(b"VFKT")
+    await restarted.send(b"b" * 60)
+    assert await link.receive_batch() == [b"b" * 60]
+    assert link.peer == restarted.path
+    link.send(b"c" * 60)
+    assert await restarted.recv() == b"c" * 60
+    restarted.close()
+
+
+async def test_unbound_sender_is_counted(vfkit):
+    link, vm = vfkit
+    anon = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    anon.sendto(b"n" * 60, link.path)
+    anon.close()
+    await vm.send(b"ok" * 30)
+    assert await link.receive_batch() == [b"ok" * 30]
+    assert link.stats.receive_errors == 1
+
+
+async def test_send_queue_is_bounded_when_peer_never_reads(sock_dir):
+    link = VfkitLink.bind(str(sock_dir / "v.sock"), send_queue_bytes=100_000)
+    vm = await FakeVfkit(str(sock_dir / "vm.sock"), link.path).start()
+    await vm.send(b"VFKT")
+    with trio.move_on_after(0.05):
+        await link.receive_batch()  # learns the peer (no frame arrives)
+    for _ in range(2000):
+        link.send(b"z" * 1500)
+    assert link.stats.send_dropped > 0
+    assert link.stats.queued_bytes <= 100_000
+    # Once the peer drains, run_sender delivers the queue.
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(link.run_sender)
+        with trio.fail_after(5):
+            while link.stats.queued_bytes:
+                try:
+                    await vm.recv()
+                except BlockingIOError:  # pragma: no cover
+                    pass
+        nursery.cancel_scope.cancel()
+    vm.close()
+    await link.aclose()
+
+
+async def test_close_unlinks_path_and_wakes_reader(sock_dir):
+    path = str(sock_dir / "v.sock")
+    link = VfkitLink.bind(path)
+    assert os.path.exists(path)
+    async with trio.open_nursery() as nursery:
+
+        async def reader():
+            with pytest.raises(LinkClosed):
+                await link.receive_batch()
+
+        nursery.start_soon(reader)
+        await trio.sleep(0.01)
+        await link.aclose()
+    assert not os.path.exists(path)
+    with pytest.raises(LinkClosed):
+        await link.receive_batch()
+
+
+async def test_stale_path_is_replaced(sock_dir):
+    path = str(sock_dir / "v.sock")
+    old = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    old.bind(path)
+    old.close()
+    link = VfkitLink.bind(path)
+    await link.aclose()
