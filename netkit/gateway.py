@@ -83,6 +83,29 @@ class Gateway:
         switch.gateway = self
         switch.on_detach(self._forget_port)
 
+    # ----- services -----
+    def register_udp_service(self, port: int, handler) -> None:
+        """Serve UDP datagrams to the gateway's ``port``: ``handler(payload, client, reply)``
+        is called synchronously with the payload, ``(guest_ip, guest_port)`` and a
+        ``reply(bytes)`` function that answers the client (any number of times, later
+        too). The handler must not block; spawn a task for slow work."""
+
+        def deliver(port_: "Port", src_mac: bytes, ip: Ipv4View, now: float) -> None:
+            udp = UdpView(ip.payload)
+            if not port_.link.offload and not udp.checksum_ok(ip.src, ip.dst):
+                self.drops["udp-checksum"] += 1
+                return
+            guest_ip, guest_port = ip.src, udp.src_port
+
+            def reply(payload: bytes) -> None:
+                self.switch.deliver(src_mac, udp_frame(src_mac, self.mac, self.ip, guest_ip, port, guest_port,
+                                                       payload))
+
+            self.counters[f"udp-service-{port}"] += 1
+            handler(udp.payload, (IPv4Address(guest_ip), guest_port), reply)
+
+        self.services[(PROTO_UDP, port)] = deliver
+
     # ----- sending -----
     def send_ipv4(self, dst_mac: bytes, frame: bytes, offload=None) -> bool:
         return self.switch.deliver(dst_mac, frame, offload)

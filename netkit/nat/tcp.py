@@ -24,8 +24,6 @@ All engine timers share one task and one heap.
 from __future__ import annotations
 
 import errno
-import heapq
-import itertools
 import logging
 import socket
 import struct
@@ -36,6 +34,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..config import Config
+from ..engine_stream import EngineStream
 from ..links.base import TxOffload
 from ..tcp import TcpConnection, TcpSettings
 from ..tcp.events import Closed, Connected, DataReceived, PeerFinished, Reset, SendSpace, TimedOut
@@ -45,6 +44,7 @@ from ..wire import Ipv4View, TcpView, build_tcp_header, icmp_frame, tcp_frame
 from ..wire.frames import TCP_CSUM_OFFSET, TCP_CSUM_START
 from ..wire.icmpv4 import DEST_UNREACHABLE, UNREACH_HOST, UNREACH_NET
 from ..wire.ipv4 import PROTO_TCP
+from ..timers import TimerHeap
 from .host import HostNetwork, translate_destination
 
 if TYPE_CHECKING:
@@ -83,7 +83,8 @@ class TcpFlow:
     bytes_to_guest: int = 0
     #: Set when the guest's FIN has been passed on (host socket write side shut).
     host_write_shut: bool = False
-    timer_deadline: float | None = None
+    #: For connections to a service on the gateway: the stream the service reads.
+    stream: EngineStream | None = None
     closed: bool = False
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     #: Woken when the engine has room for more host data, or data waits for the host.
@@ -133,16 +134,21 @@ class TcpNat:
         self.per_guest: dict[bytes, int] = {}
         self.counters: dict[str, int] = {}
         self._dirty: dict[TcpFlow, None] = {}
-        self._timers: list[tuple[float, int, TcpFlow]] = []
-        self._timer_seq = itertools.count()
-        self._timer_wakeup = trio.Event()
-        self._timer_target = float("inf")
+        self._timers: TimerHeap[TcpFlow] = TimerHeap()
         self._options_cache: tuple[object, bytes] = (None, b"")
+        #: Gateway port -> ``async handler(stream, (guest_ip, guest_port))`` for services.
+        self.services: dict[int, object] = {}
         gateway.nat[PROTO_TCP] = self.input
         gateway.unclaimed[PROTO_TCP] = self.input
         gateway.switch.on_batch_done(self.flush)
         gateway.switch.on_detach(self._port_detached)
-        nursery.start_soon(self._run_timers, name="tcp-timers")
+        nursery.start_soon(self._timers.run, self._fire_timer, name="tcp-timers")
+
+    def register_service(self, port: int, handler) -> None:
+        """Serve guest connections to the gateway's ``port`` with ``await handler(stream,
+        client)``: the connection is terminated here and the handler gets a trio stream."""
+        self.services[port] = handler
+        self.gateway.services[(PROTO_TCP, port)] = self.input
 
     def _count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
@@ -187,8 +193,9 @@ class TcpNat:
 
     def _open_flow(self, port: "Port", src_mac: bytes, ip: Ipv4View, tcp: TcpView, seg: Segment,
                    now: float) -> None:
-        real = translate_destination(self.config, IPv4Address(ip.dst))
-        if real is None:  # the gateway (no service on this port) or a disabled host alias
+        service = self.services.get(tcp.dst_port) if ip.dst == self.gateway.ip else None
+        real = None if service is not None else translate_destination(self.config, IPv4Address(ip.dst))
+        if real is None and service is None:  # the gateway (no service on this port) or a disabled host alias
             self._count("closed-port")
             self._reply_rst(port, src_mac, ip, tcp, seg)
             return
@@ -204,14 +211,17 @@ class TcpNat:
         conn = TcpConnection.from_syn(seg, now, settings)
         stack = self.stacks.get(ip.dst)
         if stack is None:
-            stack = self.stacks[ip.dst] = DestinationStack(ip.dst, real)
+            stack = self.stacks[ip.dst] = DestinationStack(ip.dst, real or IPv4Address(ip.dst))
         flow = TcpFlow(self, port, src_mac, ip.src, tcp.src_port, ip.dst, tcp.dst_port, conn,
                        syn_quote=bytes(ip.buf[:ip.header_len + 8]), created=now)
         stack.flows[flow.key] = flow
         self.flow_count += 1
         self.per_guest[ip.src] = self.per_guest.get(ip.src, 0) + 1
         self._count("connections-opened")
-        self.nursery.start_soon(self._run_flow, flow, real)
+        if service is not None:
+            self.nursery.start_soon(self._run_service, flow, service)
+        else:
+            self.nursery.start_soon(self._run_flow, flow, real)
 
     def flush(self) -> None:
         """End of a batch of frames: act on every flow the batch touched."""
@@ -229,6 +239,15 @@ class TcpNat:
         if flow.closed:
             return
         conn = flow.conn
+        if flow.stream is not None:
+            events = conn.take_events()
+            flow.stream.notify(events)
+            self._transmit(flow)
+            if conn.is_closed:
+                self._close_flow(flow)
+            else:
+                self._timers.schedule(flow, conn.get_timer())
+            return
         if conn.received_size and flow.sock is not None and not flow.host_write_shut:
             self._write_to_host(flow, now)
         for event in conn.take_events():
@@ -258,7 +277,7 @@ class TcpNat:
             except OSError:
                 pass
         self._transmit(flow)
-        self._schedule(flow, conn.get_timer())
+        self._timers.schedule(flow, conn.get_timer())
 
     def _write_to_host(self, flow: TcpFlow, now: float) -> None:
         conn = flow.conn
@@ -314,31 +333,29 @@ class TcpNat:
         self._options_cache = (cache_key, cache_bytes)
 
     # ------------------------------------------------------------------ timers
-    def _schedule(self, flow: TcpFlow, deadline: float | None) -> None:
-        if deadline == flow.timer_deadline:
+    def _fire_timer(self, flow: TcpFlow, now: float) -> None:
+        if flow.closed:
             return
-        flow.timer_deadline = deadline
-        if deadline is None:
-            return
-        heapq.heappush(self._timers, (deadline, next(self._timer_seq), flow))
-        if deadline < self._timer_target:
-            self._timer_wakeup.set()
+        flow.conn.handle_timer(now)
+        self._service(flow, now)
 
-    async def _run_timers(self) -> None:
-        timers = self._timers
-        while True:
-            self._timer_wakeup = trio.Event()
-            self._timer_target = timers[0][0] if timers else float("inf")
-            with trio.move_on_at(self._timer_target):
-                await self._timer_wakeup.wait()
-            now = trio.current_time()
-            while timers and timers[0][0] <= now:
-                deadline, _, flow = heapq.heappop(timers)
-                if flow.closed or flow.timer_deadline != deadline:
-                    continue  # superseded
-                flow.timer_deadline = None
-                flow.conn.handle_timer(now)
-                self._service(flow, now)
+    # ------------------------------------------------------------------ local services
+    async def _run_service(self, flow: TcpFlow, handler) -> None:
+        now = trio.current_time()
+        flow.stream = EngineStream(flow.conn, lambda: self._service(flow, trio.current_time()))
+        flow.conn.accept(now)
+        self._service(flow, now)
+        client = (IPv4Address(flow.guest_ip), flow.guest_port)
+        with flow.cancel_scope:
+            try:
+                await handler(flow.stream, client)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            except Exception:
+                self._count("service-errors")
+                log.exception("service on gateway port %d failed", flow.dst_port)
+            finally:
+                await flow.stream.aclose()
 
     # ------------------------------------------------------------------ host side
     async def _run_flow(self, flow: TcpFlow, real: IPv4Address) -> None:
@@ -449,6 +466,9 @@ class TcpNat:
         else:
             self.per_guest.pop(flow.guest_ip, None)
         self._dirty.pop(flow, None)
+        self._timers.cancel(flow)
+        if flow.stream is not None:
+            flow.stream.notify([])
         flow.cancel_scope.cancel()
         sock = flow.sock
         if sock is not None:

@@ -22,7 +22,7 @@ from ..wire import (ARP_REPLY, ARP_REQUEST, ArpPacket, EthernetView, IcmpView, I
                     UdpView, icmp_frame, udp_frame)
 from ..wire.ethernet import BROADCAST_MAC, ETHERTYPE_ARP, ETHERTYPE_IPV4, ethernet_header
 from ..wire.icmpv4 import ECHO_REPLY, ECHO_REQUEST
-from ..wire.ipv4 import PROTO_ICMP, PROTO_UDP
+from ..wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP
 
 __all__ = ["FakeGuest", "DhcpResult", "random_mac"]
 
@@ -63,6 +63,9 @@ class FakeGuest:
         self.arp_cache: dict[bytes, bytes] = {}
         self._waiters: list[tuple[Callable[[bytes], bool], trio.MemorySendChannel]] = []
         self.unclaimed_frames = 0
+        from .fake_tcp import GuestTcpStack
+
+        self.tcp = GuestTcpStack(self, mtu=getattr(link, "mtu", 1500) or 1500)
 
     # ----- running -----
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -70,6 +73,7 @@ class FakeGuest:
         task_status.started()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.link.run_sender)
+            nursery.start_soon(self.tcp.run)
             try:
                 while True:
                     for frame in await self.link.receive_batch():
@@ -92,6 +96,9 @@ class FakeGuest:
                     self.send_frame(ethernet_header(arp.sender_mac, self.mac, ETHERTYPE_ARP) + reply.emit())
             elif eth.ethertype == ETHERTYPE_IPV4:
                 ip = Ipv4View(eth.payload)
+                if ip.protocol == PROTO_TCP and ip.dst == self.ip and not ip.is_fragment:
+                    self.tcp.input(ip)
+                    return
                 if ip.protocol == PROTO_ICMP and ip.dst == self.ip:
                     icmp = IcmpView(ip.payload)
                     if icmp.type == ECHO_REQUEST:
@@ -121,6 +128,12 @@ class FakeGuest:
                 return await receive.receive()
         finally:
             self._waiters.remove(entry)
+
+    # ----- TCP -----
+    async def open_tcp_stream(self, host: IPv4Address | str, port: int, *, timeout: float = 10.0):
+        """A TCP connection from this guest (netkit's engine as the guest's kernel),
+        as a trio ``HalfCloseableStream``. Raises ``ConnectionRefusedError`` on RST."""
+        return await self.tcp.open_tcp_stream(host, port, timeout=timeout)
 
     # ----- DHCP -----
     def _dhcp_message(self, msg_type: int, xid: int, extra: list[tuple[int, bytes]]) -> bytes:
