@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-__all__ = ["Config", "ConfigError", "StaticLease", "parse_mac", "format_mac"]
+__all__ = ["Config", "ConfigError", "StaticLease", "parse_mac", "format_mac", "parse_dns_server"]
 
 
 class ConfigError(ValueError):
@@ -94,6 +94,55 @@ class Config:
     max_connections: int = 65536
     max_connections_per_guest: int = 16384
 
+    # --- UDP and ICMP NAT ---
+    #: A UDP flow (guest address and port) with no traffic either way for this long is closed.
+    udp_idle_timeout: float = 60.0
+    #: Most UDP flows at once; beyond, the least recently used flow is evicted.
+    udp_max_flows: int = 4096
+    #: An ICMP echo flow (guest address and identifier) idle this long is closed.
+    icmp_idle_timeout: float = 30.0
+    #: Most ICMP echo flows at once (least recently used evicted beyond).
+    icmp_max_flows: int = 1024
+    #: Bytes of incomplete fragmented datagrams held at once, and how long one may wait.
+    reassembly_max_bytes: int = 4 * 1024 * 1024
+    reassembly_timeout: float = 30.0
+
+    # --- DNS (netkit/dns) ---
+    #: Names that resolve to ``host_ip`` (the host, as seen from guests).
+    host_names: tuple[str, ...] = ("host.docker.internal", "host.containers.internal", "host.internal")
+    #: Names that resolve to ``gateway_ip``.
+    gateway_names: tuple[str, ...] = ("gateway.docker.internal", "gateway.containers.internal",
+                                      "gateway.internal", "http.docker.internal")
+    #: Names that resolve to the asking guest's own address (``--vm-names``).
+    vm_names: tuple[str, ...] = ()
+    #: "forward": every non-local query goes to ``dns_upstreams``. "getaddrinfo": A and AAAA
+    #: go through the host's getaddrinfo (so they follow the host's own resolver setup:
+    #: VPN split DNS, nsswitch, mDNS); other types are forwarded, or answered NOTIMP when
+    #: there is no upstream.
+    dns_mode: str = "forward"
+    #: Upstream servers, "ADDR", "ADDR:PORT" or "[V6ADDR]:PORT". Empty: the nameservers of
+    #: ``dns_resolv_conf``, re-read when that file changes.
+    dns_upstreams: tuple[str, ...] = ()
+    dns_resolv_conf: str = "/etc/resolv.conf"
+    #: A file in /etc/hosts syntax whose names are answered locally (re-read on change).
+    dns_hosts_file: str | None = None
+    #: Every query is answered within this many seconds (SERVFAIL at worst).
+    dns_timeout: float = 2.0
+    #: Extra rounds over the upstream list within ``dns_timeout``.
+    dns_retries: int = 2
+    #: Most upstream resolutions at once; queries beyond get SERVFAIL at once.
+    dns_max_in_flight: int = 256
+    #: Most answers cached (LRU; 0 turns the cache off).
+    dns_cache_entries: int = 10000
+    #: Longest a positive answer stays cached, whatever its TTL says.
+    dns_cache_max_ttl: int = 86400
+    #: Longest a negative answer (NXDOMAIN, NODATA; RFC 2308) stays cached.
+    dns_negative_cache_max_ttl: int = 300
+    #: A DNS-over-TCP connection with nothing to do for this long is closed.
+    dns_tcp_idle_timeout: float = 10.0
+    #: Most queries answered at once on one DNS-over-TCP connection (more are not read yet).
+    dns_tcp_pipeline: int = 32
+
     # --- misc ---
     log_level: str = "info"
 
@@ -150,11 +199,13 @@ class Config:
             seen_ips.add(lease.ip)
             seen_keys.add(key)  # type: ignore[arg-type]
         for name in ("max_ports", "max_macs_per_port", "link_send_queue_bytes",
-                     "max_connections", "max_connections_per_guest"):
+                     "max_connections", "max_connections_per_guest", "udp_max_flows", "icmp_max_flows",
+                     "reassembly_max_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1")
-        if self.tcp_connect_timeout <= 0:
-            raise ConfigError("tcp_connect_timeout: must be positive")
+        for name in ("tcp_connect_timeout", "udp_idle_timeout", "icmp_idle_timeout", "reassembly_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be positive")
 
     def pool(self) -> range:
         """The integer addresses DHCP may hand out dynamically."""
@@ -204,6 +255,33 @@ def _addresses_for_subnet(subnet: IPv4Network) -> dict[str, IPv4Address]:
     }
 
 
+def parse_dns_server(text: str, setting: str = "dns_upstreams") -> tuple[str, int]:
+    """Split a DNS server "ADDR", "ADDR:PORT", "V6ADDR" or "[V6ADDR]:PORT" into (address,
+    port); the address must be an IP literal (an IPv6 one may carry a %scope)."""
+    text = str(text).strip()
+    host, port = text, 53
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ConfigError(f"{setting}: not ADDR[:PORT]: {text!r}")
+        if rest:
+            port = _port(setting, text, rest[1:])
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+        port = _port(setting, text, port_text)
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0] if ":" in host else host)
+    except ValueError:
+        raise ConfigError(f"{setting}: not an IP address: {text!r}") from None
+    return host, port
+
+
+def _port(setting: str, text: str, port_text: str) -> int:
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(f"{setting}: bad port in {text!r}")
+    return int(port_text)
+
+
 def _is_dns_name(name: str) -> bool:
     """True if ``name`` can be sent in DHCP options 15 and 119: ASCII labels of 1..63
     bytes, at most 253 characters in all (a trailing dot is allowed)."""
@@ -224,8 +302,12 @@ def _coerce(name: str, value: Any) -> Any:
         if name == "nat":
             pairs = value.items() if isinstance(value, dict) else (s.split("=", 1) for s in value)
             return tuple((_ip("nat", v), _ip("nat", r)) for v, r in pairs)
-        if name in ("domain_search",):
+        if name in ("domain_search", "host_names", "gateway_names", "vm_names", "dns_upstreams"):
+            if isinstance(value, str):  # a comma-separated list, as on a command line
+                value = [v.strip() for v in value.split(",") if v.strip()]
             return tuple(str(v) for v in value)
+        if name == "dns_hosts_file":
+            return str(value) if value else None
         if name == "static_leases":
             out = []
             for item in value:
@@ -233,9 +315,11 @@ def _coerce(name: str, value: Any) -> Any:
                 out.append(StaticLease(ip=_ip("static_leases", item["ip"]), mac=mac, uuid=item.get("uuid")))
             return tuple(out)
         if name in ("mtu", "lease_seconds", "max_ports", "max_macs_per_port", "link_send_queue_bytes",
-                    "max_connections", "max_connections_per_guest"):
+                    "max_connections", "max_connections_per_guest", "udp_max_flows", "icmp_max_flows",
+                    "reassembly_max_bytes"):
             return int(value)
-        if name in ("tcp_connect_timeout", "offer_seconds", "decline_seconds"):
+        if name in ("tcp_connect_timeout", "offer_seconds", "decline_seconds", "udp_idle_timeout",
+                    "icmp_idle_timeout", "reassembly_timeout"):
             return float(value)
         if name in ("host_loopback",):
             return bool(value)

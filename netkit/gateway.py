@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Callable, Protocol
 from .config import Config, format_mac
 from .dhcp.leases import LeaseTable
 from .dhcp.server import DhcpServer
+from .ipfrag import Reassembler
 from .wire import (ARP_REPLY, ARP_REQUEST, ArpPacket, IcmpView, Ipv4View, MalformedPacket, UdpView,
                    icmp_frame, udp_frame)
 from .wire.ethernet import ETH_HEADER_LEN
@@ -62,6 +63,7 @@ class Gateway:
         self.host_ip = config.host_ip.packed
         self.subnet_broadcast = config.subnet.broadcast_address.packed
         self.leases = LeaseTable(config)
+        self.reassembler = Reassembler(max_bytes=config.reassembly_max_bytes, timeout=config.reassembly_timeout)
         self.dhcp = DhcpServer(config, self.leases)
         #: Addresses the gateway answers ARP for: its own, the host alias, and NAT'd IPs in the subnet.
         self.arp_owned: set[bytes] = {self.ip, self.host_ip}
@@ -158,15 +160,17 @@ class Gateway:
             self.drops["ipv4-checksum"] += 1
             return
         src_mac = frame[6:12]
-        dst = ip.dst
         if ip.src != b"\0\0\0\0" and ip.src not in self.neighbors:
             self.neighbors[ip.src] = src_mac
         now = self.clock()
+        if ip.is_fragment:
+            packet = self.reassembler.add(ip, now)
+            if packet is None:
+                return  # held (counted in reassembler.stats) until the rest arrives
+            ip = Ipv4View(memoryview(packet))
+        dst = ip.dst
         protocol = ip.protocol
         if dst == self.ip:
-            if ip.is_fragment:
-                self.drops["fragment"] += 1
-                return
             if protocol == PROTO_UDP:
                 udp = UdpView(ip.payload)
                 if udp.dst_port == DHCP_SERVER_PORT:
@@ -190,7 +194,7 @@ class Gateway:
             handler(port, src_mac, ip, now)
             return
         if dst == _LIMITED_BROADCAST or dst == self.subnet_broadcast:
-            if protocol == PROTO_UDP and not ip.is_fragment:
+            if protocol == PROTO_UDP:
                 udp = UdpView(ip.payload)
                 if udp.dst_port == DHCP_SERVER_PORT:
                     self._input_dhcp(src_mac, ip, udp, now)
@@ -278,4 +282,5 @@ class Gateway:
             "drops": {k: v for k, v in self.drops.items() if v},
             "counters": dict(self.counters),
             "dhcp": dict(self.dhcp.stats),
+            "reassembly": dict(self.reassembler.stats),
         }

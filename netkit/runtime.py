@@ -11,7 +11,9 @@ import trio
 from .config import Config
 from .gateway import Gateway
 from .nat.host import HostNetwork
+from .nat.icmp import IcmpNat
 from .nat.tcp import TcpNat
+from .nat.udp import UdpNat
 from .switch import Switch
 
 __all__ = ["open_switch", "LEASE_EXPIRY_INTERVAL"]
@@ -42,8 +44,14 @@ async def open_switch(config: Config | None = None, *, host: HostNetwork | None 
         switch = Switch(config, nursery)
         gateway = Gateway(config, switch, trio.current_time)
         switch.tcp_nat = TcpNat(config, gateway, nursery, host)
+        switch.udp_nat = UdpNat(config, gateway, nursery, host)
+        switch.icmp_nat = IcmpNat(config, gateway, nursery, host)
         nursery.start_soon(_sweep_leases, gateway, name="lease-sweeper")
         try:
             yield switch
         finally:
             nursery.cancel_scope.cancel()
+            # Flows' host sockets belong to the switch: close them with it.
+            switch.tcp_nat.close()
+            switch.udp_nat.close()
+            switch.icmp_nat.close()

@@ -80,7 +80,10 @@ class Switch:
         self.frames_out = 0
         self.drops: collections.Counter[str] = collections.Counter()
         self.gateway: Gateway | None = None
-        self.tcp_nat = None  # set by open_switch: netkit.nat.tcp.TcpNat
+        # Set by open_switch: the NAT handlers (netkit.nat.tcp/udp/icmp).
+        self.tcp_nat = None
+        self.udp_nat = None
+        self.icmp_nat = None
         self._detach_hooks: list[Callable[[Port], None]] = []
         self._batch_hooks: list[Callable[[], None]] = []
 

@@ -149,7 +149,7 @@ def _bare_switch():
 def _accounted(switch) -> int:
     gw = switch.gateway
     return (sum(switch.drops.values()) + switch.frames_out + sum(gw.drops.values()) + sum(gw.counters.values())
-            + sum(gw.dhcp.stats.values()))
+            + sum(gw.dhcp.stats.values()) + sum(gw.reassembler.stats.values()))
 
 
 GUEST_MAC = bytes.fromhex("020000000042")

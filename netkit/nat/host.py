@@ -14,7 +14,7 @@ import trio
 
 from ..config import Config
 
-__all__ = ["HostNetwork", "translate_destination", "LOOPBACK"]
+__all__ = ["HostNetwork", "translate_destination", "translate_source", "LOOPBACK"]
 
 LOOPBACK = IPv4Address("127.0.0.1")
 
@@ -34,6 +34,16 @@ def translate_destination(config: Config, dst: IPv4Address) -> IPv4Address | Non
     if dst == config.gateway_ip:
         return None
     return dst
+
+
+def translate_source(config: Config, real: IPv4Address) -> IPv4Address:
+    """The address a guest sees a host-side peer as: the reverse of ``translate_destination``."""
+    if real == LOOPBACK and config.host_loopback:
+        return config.host_ip
+    for virtual, mapped in config.nat:
+        if real == mapped:
+            return virtual
+    return real
 
 
 class HostNetwork:
@@ -69,3 +79,42 @@ class HostNetwork:
         except BaseException:
             sock.close()
             raise
+
+    def udp_socket(self) -> socket.socket:
+        """An unconnected, non-blocking UDP socket for one guest flow.
+
+        IP_RECVERR queues the ICMP errors the host receives for it (port unreachable,
+        time exceeded...), with the original destination, so NAT can tell the guest.
+        """
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.SOL_IP, IP_RECVERR, 1)
+            sock.bind(("0.0.0.0", 0))
+            return sock
+        except BaseException:
+            sock.close()
+            raise
+
+    def icmp_echo_socket(self) -> tuple[socket.socket, bool]:
+        """A socket for ICMP echo: an unprivileged ping socket when the host allows it
+        (net.ipv4.ping_group_range), else a raw socket. Returns ``(sock, is_raw)``;
+        raises ``OSError`` when neither is permitted."""
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+            raw = False
+        except PermissionError:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+            raw = True
+        try:
+            sock.setblocking(False)
+            if not raw:
+                sock.setsockopt(socket.SOL_IP, IP_RECVERR, 1)
+            return sock, raw
+        except BaseException:
+            sock.close()
+            raise
+
+
+#: Linux <linux/in.h>; not exported by Python's socket module.
+IP_RECVERR = 11

@@ -485,6 +485,12 @@ class TcpNat:
                     self._abort_host(flow)
                     self._close_flow(flow)
 
+    def close(self) -> None:
+        """Close every flow's host socket (the switch is shutting down)."""
+        for flow in self.flows():
+            self._abort_host(flow)
+            self._close_flow(flow)
+
     # ------------------------------------------------------------------ introspection
     def flows(self) -> list[TcpFlow]:
         return [flow for stack in self.stacks.values() for flow in stack.flows.values()]

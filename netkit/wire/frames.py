@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import struct
 
-from .checksum import checksum, fold, ones_sum, pseudo_header_sum
+from .checksum import ones_sum, pseudo_header_sum
 from .ethernet import ETH_HEADER_LEN, ETHERTYPE_IPV4, ethernet_header
 from .ipv4 import FLAG_DF, IPV4_HEADER_LEN, PROTO_ICMP, PROTO_TCP, PROTO_UDP, build_ipv4_header
 from .icmpv4 import build_icmp
 from .udp import build_udp
 
-__all__ = ["ipv4_frame", "udp_frame", "icmp_frame", "tcp_frame", "TCP_CSUM_START", "TCP_CSUM_OFFSET"]
+__all__ = ["ipv4_frame", "udp_frame", "icmp_frame", "tcp_frame", "fragment_frames", "TCP_CSUM_START",
+           "TCP_CSUM_OFFSET"]
 
 #: Where an offloading link must put the TCP checksum: from the TCP header start,
 #: field at offset 16.
@@ -61,3 +62,25 @@ def tcp_frame(dst_mac: bytes, src_mac: bytes, src_ip: bytes, dst_ip: bytes, tcp_
     return b"".join((ethernet_header(dst_mac, src_mac, ETHERTYPE_IPV4),
                      build_ipv4_header(src_ip, dst_ip, PROTO_TCP, seg_len, ident=ident),
                      tcp_header, payload))
+
+
+def fragment_frames(frame: bytes, mtu: int) -> list[bytes]:
+    """Split an Ethernet+IPv4 frame (20-byte header, DF ignored) into frames of at most
+    ``mtu`` IP bytes each. Returns ``[frame]`` when it already fits."""
+    ip_len = len(frame) - ETH_HEADER_LEN
+    if ip_len <= mtu:
+        return [frame]
+    eth = frame[:ETH_HEADER_LEN]
+    src, dst = frame[26:30], frame[30:34]
+    protocol = frame[23]
+    ident = (frame[18] << 8) | frame[19]
+    ttl = frame[22]
+    payload = memoryview(frame)[ETH_HEADER_LEN + IPV4_HEADER_LEN:]
+    step = (mtu - IPV4_HEADER_LEN) & ~7
+    frames = []
+    for offset in range(0, len(payload), step):
+        piece = payload[offset:offset + step]
+        more = 0x2000 if offset + step < len(payload) else 0
+        frames.append(b"".join((eth, build_ipv4_header(src, dst, protocol, len(piece), ident=ident, ttl=ttl,
+                                                       flags_frag=more | (offset >> 3)), piece)))
+    return frames

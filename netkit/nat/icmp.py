@@ -1,0 +1,284 @@
+"""ICMP echo NAT: guest pings become host pings.
+
+Preferred: one unprivileged ping socket (``SOCK_DGRAM``/``IPPROTO_ICMP``) per guest
+(address, identifier) flow; the kernel picks the identifier on the wire and we map it
+back. When ``net.ipv4.ping_group_range`` forbids ping sockets, one shared raw socket
+carries every flow, each with an identifier we allocate. When neither is allowed, a
+clear log line says so once and echo requests are dropped (counted).
+
+Destination unreachable and time exceeded errors the host receives for a flow are
+translated back to the guest, quoting its echo request.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import socket
+import struct
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+from typing import TYPE_CHECKING
+
+import trio
+
+from ..config import Config
+from ..timers import TimerHeap
+from ..wire import IcmpView, Ipv4View, MalformedPacket, icmp_frame
+from ..wire.checksum import checksum
+from ..wire.icmpv4 import DEST_UNREACHABLE, ECHO_REPLY, ECHO_REQUEST, TIME_EXCEEDED
+from ..wire.ipv4 import PROTO_ICMP, build_ipv4_header
+from .errqueue import read_errors
+from .host import HostNetwork, translate_destination, translate_source
+
+if TYPE_CHECKING:
+    from ..gateway import Gateway
+    from ..switch import Port
+
+__all__ = ["IcmpNat"]
+
+log = logging.getLogger("netkit.nat.icmp")
+
+
+@dataclass(eq=False)
+class EchoFlow:
+    port: "Port"
+    guest_mac: bytes
+    guest_ip: bytes
+    guest_ident: int
+    last_active: float
+    #: Ping-socket mode: the flow's own socket. Raw mode: None (the shared socket).
+    sock: socket.socket | None = None
+    #: Raw mode: the identifier we put on the wire.
+    wire_ident: int = 0
+    requests: int = 0
+    replies: int = 0
+    closed: bool = False
+    cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+
+class IcmpNat:
+    def __init__(self, config: Config, gateway: "Gateway", nursery: trio.Nursery,
+                 host: HostNetwork | None = None) -> None:
+        self.config = config
+        self.gateway = gateway
+        self.nursery = nursery
+        self.host = host or HostNetwork()
+        self.flows: collections.OrderedDict[tuple[bytes, int], EchoFlow] = collections.OrderedDict()
+        self._by_wire_ident: dict[int, EchoFlow] = {}
+        self._idents = itertools.cycle(range(1, 0x10000))
+        self._raw: socket.socket | None = None
+        self._mode: str | None = None  # "ping", "raw" or "none", decided on first use
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._expiry: TimerHeap[EchoFlow] = TimerHeap()
+        gateway.nat[PROTO_ICMP] = self.input
+        gateway.switch.on_detach(self._port_detached)
+        nursery.start_soon(self._expiry.run, self._expire, name="icmp-expiry")
+
+    # ----- guest -> host -----
+    def input(self, port: "Port", src_mac: bytes, ip: Ipv4View, now: float) -> None:
+        icmp = IcmpView(ip.payload)
+        if not icmp.checksum_ok():
+            self.counters["bad-checksum"] += 1
+            return
+        if icmp.type != ECHO_REQUEST:
+            self.counters["not-echo"] += 1
+            return
+        real = translate_destination(self.config, IPv4Address(ip.dst))
+        if real is None:
+            self.counters["no-destination"] += 1
+            return
+        key = (ip.src, icmp.ident)
+        flow = self.flows.get(key)
+        if flow is None:
+            flow = self._open_flow(port, src_mac, ip.src, icmp.ident, now)
+            if flow is None:
+                return
+        else:
+            self.flows.move_to_end(key)
+        flow.last_active = now
+        body = bytes(icmp.body)
+        try:
+            if flow.sock is not None:
+                # The kernel sets identifier and checksum of ping-socket messages.
+                flow.sock.sendto(struct.pack("!BBHHH", ECHO_REQUEST, 0, 0, 0, icmp.sequence) + body,
+                                 (str(real), 0))
+            else:
+                msg = bytearray(struct.pack("!BBHHH", ECHO_REQUEST, 0, 0, flow.wire_ident, icmp.sequence) + body)
+                struct.pack_into("!H", msg, 2, checksum(msg))
+                self._raw.sendto(msg, (str(real), 0))
+        except OSError as e:
+            self.counters["host-send-errors"] += 1
+            log.debug("echo to %s failed: %s", real, e)
+            return
+        flow.requests += 1
+        self.counters["echo-requests"] += 1
+
+    def _open_flow(self, port: "Port", src_mac: bytes, guest_ip: bytes, ident: int, now: float) -> EchoFlow | None:
+        if self._mode is None:
+            self._choose_mode()
+        if self._mode == "none":
+            self.counters["no-icmp-socket"] += 1
+            return None
+        while len(self.flows) >= self.config.icmp_max_flows:
+            _key, victim = self.flows.popitem(last=False)
+            self.counters["flows-evicted"] += 1
+            self._close(victim, already_removed=True)
+        flow = EchoFlow(port, src_mac, guest_ip, ident, now)
+        if self._mode == "ping":
+            try:
+                flow.sock, _raw = self.host.icmp_echo_socket()
+            except OSError as e:
+                self.counters["socket-errors"] += 1
+                log.warning("cannot create a ping socket: %s", e)
+                return None
+            self.nursery.start_soon(self._read_ping_socket, flow)
+        else:
+            for _ in range(0x10000):
+                wire = next(self._idents)
+                if wire not in self._by_wire_ident:
+                    break
+            else:
+                self.counters["ident-exhausted"] += 1
+                return None
+            flow.wire_ident = wire
+            self._by_wire_ident[wire] = flow
+        self.flows[(guest_ip, ident)] = flow
+        self.counters["flows-opened"] += 1
+        self._expiry.schedule(flow, now + self.config.icmp_idle_timeout)
+        return flow
+
+    def _choose_mode(self) -> None:
+        try:
+            sock, raw = self.host.icmp_echo_socket()
+        except OSError as e:
+            self._mode = "none"
+            log.warning("ICMP echo is disabled: neither a ping socket (net.ipv4.ping_group_range) nor a raw "
+                        "socket (CAP_NET_RAW) is permitted: %s", e)
+            return
+        if raw:
+            self._mode = "raw"
+            self._raw = sock
+            self.nursery.start_soon(self._read_raw_socket)
+            log.info("ICMP echo through a raw socket (ping sockets are not permitted for this user)")
+        else:
+            self._mode = "ping"
+            sock.close()
+
+    # ----- host -> guest -----
+    async def _read_ping_socket(self, flow: EchoFlow) -> None:
+        sock = flow.sock
+        with flow.cancel_scope:
+            while True:
+                try:
+                    await trio.lowlevel.wait_readable(sock)
+                except trio.ClosedResourceError:
+                    return
+                while True:
+                    try:
+                        data, (addr, _port) = sock.recvfrom(65535)
+                    except BlockingIOError:
+                        break
+                    except OSError:
+                        for error in read_errors(sock):
+                            self._error_to_guest(flow, error.type, error.code, error.destination[0], error.offender)
+                        continue
+                    try:
+                        reply = IcmpView(memoryview(data))
+                    except MalformedPacket:
+                        continue
+                    if reply.type == ECHO_REPLY:
+                        self._reply_to_guest(flow, IPv4Address(addr), reply.sequence, reply.body)
+
+    async def _read_raw_socket(self) -> None:
+        sock = self._raw
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            while True:
+                try:
+                    data, (addr, _port) = sock.recvfrom(65535)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    continue
+                self._raw_input(data, IPv4Address(addr))
+
+    def _raw_input(self, data: bytes, source: IPv4Address) -> None:
+        try:
+            ip = Ipv4View(memoryview(data))
+            icmp = IcmpView(ip.payload)
+            if icmp.type == ECHO_REPLY:
+                flow = self._by_wire_ident.get(icmp.ident)
+                if flow is not None:
+                    self._reply_to_guest(flow, source, icmp.sequence, icmp.body)
+            elif icmp.type in (DEST_UNREACHABLE, TIME_EXCEEDED):
+                quoted_ip = Ipv4View(icmp.body)
+                quoted = IcmpView(quoted_ip.payload) if len(quoted_ip.payload) >= 8 else None
+                if quoted is not None and quoted.type == ECHO_REQUEST:
+                    flow = self._by_wire_ident.get(quoted.ident)
+                    if flow is not None:
+                        self._error_to_guest(flow, icmp.type, icmp.code, IPv4Address(quoted_ip.dst), source,
+                                             quoted.sequence)
+        except MalformedPacket:
+            self.counters["raw-malformed"] += 1
+
+    def _reply_to_guest(self, flow: EchoFlow, real_src: IPv4Address, sequence: int, body) -> None:
+        flow.last_active = trio.current_time()
+        flow.replies += 1
+        self.counters["echo-replies"] += 1
+        src = translate_source(self.config, real_src).packed
+        flow.port.link.send(icmp_frame(flow.guest_mac, self.gateway.mac, src, flow.guest_ip, ECHO_REPLY, 0,
+                                       struct.pack("!HH", flow.guest_ident, sequence), body))
+
+    def _error_to_guest(self, flow: EchoFlow, icmp_type: int, code: int, real_dst: IPv4Address,
+                        offender: IPv4Address | None, sequence: int = 0) -> None:
+        if icmp_type not in (DEST_UNREACHABLE, TIME_EXCEEDED):
+            return
+        virtual_dst = translate_source(self.config, real_dst).packed
+        echo = bytearray(struct.pack("!BBHHH", ECHO_REQUEST, 0, 0, flow.guest_ident, sequence))
+        quoted = bytes(build_ipv4_header(flow.guest_ip, virtual_dst, PROTO_ICMP, 8)) + bytes(echo)
+        src = translate_source(self.config, offender).packed if offender else virtual_dst
+        flow.port.link.send(icmp_frame(flow.guest_mac, self.gateway.mac, src, flow.guest_ip, icmp_type, code,
+                                       b"\0\0\0\0", quoted))
+        self.counters[f"icmp-errors-{icmp_type}/{code}"] += 1
+
+    # ----- lifetime -----
+    def _expire(self, flow: EchoFlow, now: float) -> None:
+        if flow.closed:
+            return
+        idle_until = flow.last_active + self.config.icmp_idle_timeout
+        if idle_until > now:
+            self._expiry.schedule(flow, idle_until)
+            return
+        self.counters["flows-expired"] += 1
+        self._close(flow)
+
+    def _close(self, flow: EchoFlow, *, already_removed: bool = False) -> None:
+        if flow.closed:
+            return
+        flow.closed = True
+        if not already_removed:
+            self.flows.pop((flow.guest_ip, flow.guest_ident), None)
+        self._expiry.cancel(flow)
+        if flow.wire_ident:
+            self._by_wire_ident.pop(flow.wire_ident, None)
+        flow.cancel_scope.cancel()
+        if flow.sock is not None:
+            trio.lowlevel.notify_closing(flow.sock)
+            flow.sock.close()
+
+    def _port_detached(self, port: "Port") -> None:
+        for flow in [f for f in self.flows.values() if f.port is port]:
+            self._close(flow)
+
+    def close(self) -> None:
+        for flow in list(self.flows.values()):
+            self._close(flow)
+        if self._raw is not None:
+            trio.lowlevel.notify_closing(self._raw)
+            self._raw.close()
+            self._raw = None
+
+    def statistics(self) -> dict:
+        return {"flows": len(self.flows), "mode": self._mode, **self.counters}

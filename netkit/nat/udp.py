@@ -1,0 +1,228 @@
+"""UDP NAT: one host UDP socket per guest (address, port) flow.
+
+Mapping is endpoint-independent (RFC 4787): a flow's one host socket sends to every
+destination the guest addresses from that port, and datagrams from *any* remote peer
+that reach the socket go back to the guest, so hole punching works. Replies appear to
+come from the peer's virtual address (host loopback as the host alias, NAT'd IPs as
+their virtual IPs).
+
+Flows close after ``udp_idle_timeout`` without traffic either way; at most
+``udp_max_flows`` exist, the least recently used evicted first. ICMP errors the host
+receives for a flow (port unreachable, time exceeded, ...) come back to the guest as
+ICMP errors quoting its datagram. Datagrams larger than the guest's MTU are fragmented.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import socket
+import struct
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+from typing import TYPE_CHECKING
+
+import trio
+
+from ..config import Config
+from ..timers import TimerHeap
+from ..wire import Ipv4View, UdpView, icmp_frame, udp_frame
+from ..wire.frames import fragment_frames
+from ..wire.icmpv4 import DEST_UNREACHABLE, UNREACH_PORT
+from ..wire.ipv4 import PROTO_UDP, build_ipv4_header
+from .errqueue import read_errors
+from .host import HostNetwork, translate_destination, translate_source
+
+if TYPE_CHECKING:
+    from ..gateway import Gateway
+    from ..switch import Port
+
+__all__ = ["UdpNat", "UdpFlow"]
+
+log = logging.getLogger("netkit.nat.udp")
+
+#: Most datagrams read from one flow socket before yielding to other tasks.
+_READ_BATCH = 64
+
+
+@dataclass(eq=False)
+class UdpFlow:
+    port: "Port"
+    guest_mac: bytes
+    guest_ip: bytes
+    guest_port: int
+    sock: socket.socket
+    created: float
+    last_active: float
+    datagrams_to_host: int = 0
+    datagrams_to_guest: int = 0
+    bytes_to_host: int = 0
+    bytes_to_guest: int = 0
+    closed: bool = False
+    cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    def describe(self) -> dict:
+        return {
+            "protocol": "udp",
+            "guest": f"{IPv4Address(self.guest_ip)}:{self.guest_port}",
+            "destination": "*",
+            "state": "open",
+            "bytes_to_host": self.bytes_to_host,
+            "bytes_to_guest": self.bytes_to_guest,
+        }
+
+
+class UdpNat:
+    """The UDP handler of a gateway (packets to destinations other than the gateway)."""
+
+    def __init__(self, config: Config, gateway: "Gateway", nursery: trio.Nursery,
+                 host: HostNetwork | None = None) -> None:
+        self.config = config
+        self.gateway = gateway
+        self.nursery = nursery
+        self.host = host or HostNetwork()
+        self.flows: collections.OrderedDict[tuple[bytes, int], UdpFlow] = collections.OrderedDict()
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._expiry: TimerHeap[UdpFlow] = TimerHeap()
+        gateway.nat[PROTO_UDP] = self.input
+        gateway.unclaimed[PROTO_UDP] = self.port_unreachable
+        gateway.switch.on_detach(self._port_detached)
+        nursery.start_soon(self._expiry.run, self._expire, name="udp-expiry")
+
+    # ----- guest -> host -----
+    def input(self, port: "Port", src_mac: bytes, ip: Ipv4View, now: float) -> None:
+        udp = UdpView(ip.payload)
+        if not port.link.offload and not udp.checksum_ok(ip.src, ip.dst):
+            self.counters["bad-checksum"] += 1
+            return
+        real = translate_destination(self.config, IPv4Address(ip.dst))
+        if real is None:
+            self.port_unreachable(port, src_mac, ip, now)
+            return
+        key = (ip.src, udp.src_port)
+        flow = self.flows.get(key)
+        if flow is None:
+            flow = self._open_flow(port, src_mac, ip.src, udp.src_port, now)
+            if flow is None:
+                return
+        elif flow.port is not port:
+            self.counters["wrong-port"] += 1
+            return
+        else:
+            self.flows.move_to_end(key)
+        flow.last_active = now
+        payload = udp.payload
+        try:
+            flow.sock.sendto(payload, (str(real), udp.dst_port))
+        except BlockingIOError:
+            self.counters["host-send-dropped"] += 1
+            return
+        except OSError as e:
+            self.counters["host-send-errors"] += 1
+            log.debug("udp sendto %s:%d failed: %s", real, udp.dst_port, e)
+            return
+        flow.datagrams_to_host += 1
+        flow.bytes_to_host += len(payload)
+
+    def _open_flow(self, port: "Port", src_mac: bytes, guest_ip: bytes, guest_port: int,
+                   now: float) -> UdpFlow | None:
+        while len(self.flows) >= self.config.udp_max_flows:
+            _key, victim = self.flows.popitem(last=False)
+            self.counters["flows-evicted"] += 1
+            self._close(victim, already_removed=True)
+        try:
+            sock = self.host.udp_socket()
+        except OSError as e:
+            self.counters["socket-errors"] += 1
+            log.warning("cannot create a UDP socket for a guest flow: %s", e)
+            return None
+        flow = UdpFlow(port, src_mac, guest_ip, guest_port, sock, now, now)
+        self.flows[(guest_ip, guest_port)] = flow
+        self.counters["flows-opened"] += 1
+        self._expiry.schedule(flow, now + self.config.udp_idle_timeout)
+        self.nursery.start_soon(self._read_host, flow)
+        return flow
+
+    # ----- host -> guest -----
+    async def _read_host(self, flow: UdpFlow) -> None:
+        sock = flow.sock
+        with flow.cancel_scope:
+            while True:
+                try:
+                    await trio.lowlevel.wait_readable(sock)
+                except trio.ClosedResourceError:
+                    return
+                for _ in range(_READ_BATCH):
+                    try:
+                        data, (addr, peer_port) = sock.recvfrom(65535)
+                    except BlockingIOError:
+                        break
+                    except OSError:
+                        # IP_RECVERR: an ICMP error arrived for something we sent.
+                        self._icmp_errors(flow)
+                        continue
+                    self._to_guest(flow, IPv4Address(addr), peer_port, data)
+
+    def _to_guest(self, flow: UdpFlow, real_src: IPv4Address, src_port: int, data: bytes) -> None:
+        virtual = translate_source(self.config, real_src).packed
+        flow.last_active = trio.current_time()
+        flow.datagrams_to_guest += 1
+        flow.bytes_to_guest += len(data)
+        frame = udp_frame(flow.guest_mac, self.gateway.mac, virtual, flow.guest_ip, src_port, flow.guest_port, data,
+                          ident=flow.datagrams_to_guest)
+        for piece in fragment_frames(frame, self.config.mtu):
+            flow.port.link.send(piece)
+
+    def _icmp_errors(self, flow: UdpFlow) -> None:
+        for error in read_errors(flow.sock):
+            real_dst, dst_port = error.destination
+            virtual_dst = translate_source(self.config, real_dst).packed
+            # Quote what the guest sent: its IP header and the first 8 bytes of UDP.
+            quoted = bytes(build_ipv4_header(flow.guest_ip, virtual_dst, PROTO_UDP, 8)) + struct.pack(
+                "!HHHH", flow.guest_port, dst_port, 8, 0)
+            offender = translate_source(self.config, error.offender).packed if error.offender else virtual_dst
+            frame = icmp_frame(flow.guest_mac, self.gateway.mac, offender, flow.guest_ip, error.type, error.code,
+                               struct.pack("!I", error.info & 0xFFFF if error.type == DEST_UNREACHABLE else 0),
+                               quoted)
+            flow.port.link.send(frame)
+            self.counters[f"icmp-errors-{error.type}/{error.code}"] += 1
+
+    def port_unreachable(self, port: "Port", src_mac: bytes, ip: Ipv4View, now: float) -> None:
+        """No one serves this UDP port (on the gateway, or a disabled host alias)."""
+        self.counters["port-unreachable"] += 1
+        quoted = bytes(ip.buf[:ip.header_len + 8])
+        port.link.send(icmp_frame(src_mac, self.gateway.mac, ip.dst, ip.src, DEST_UNREACHABLE, UNREACH_PORT,
+                                  b"\0\0\0\0", quoted))
+
+    # ----- lifetime -----
+    def _expire(self, flow: UdpFlow, now: float) -> None:
+        if flow.closed:
+            return
+        idle_until = flow.last_active + self.config.udp_idle_timeout
+        if idle_until > now:
+            self._expiry.schedule(flow, idle_until)
+            return
+        self.counters["flows-expired"] += 1
+        self._close(flow)
+
+    def _close(self, flow: UdpFlow, *, already_removed: bool = False) -> None:
+        if flow.closed:
+            return
+        flow.closed = True
+        if not already_removed:
+            self.flows.pop((flow.guest_ip, flow.guest_port), None)
+        self._expiry.cancel(flow)
+        flow.cancel_scope.cancel()
+        trio.lowlevel.notify_closing(flow.sock)
+        flow.sock.close()
+
+    def _port_detached(self, port: "Port") -> None:
+        for flow in [f for f in self.flows.values() if f.port is port]:
+            self._close(flow)
+
+    def close(self) -> None:
+        for flow in list(self.flows.values()):
+            self._close(flow)
+
+    def statistics(self) -> dict:
+        return {"flows": len(self.flows), **self.counters}
