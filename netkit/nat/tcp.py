@@ -126,9 +126,10 @@ class TcpNat:
         self.host = host or HostNetwork()
         mss = config.mtu - 40
         self.settings = TcpSettings(mss=mss)
-        # With offloads the guest's kernel cuts our large segments at its MSS.
+        # With offloads the guest's kernel cuts our large segments at its MSS; a GSO packet
+        # can describe at most 64 KiB, so at MTUs near that there is nothing to gain.
         gso_payload = (_GSO_MAX_PACKET - 20 - 60) // mss * mss
-        self.offload_settings = TcpSettings(mss=mss, tso_size=gso_payload)
+        self.offload_settings = TcpSettings(mss=mss, tso_size=gso_payload) if gso_payload > mss else self.settings
         self.stacks: dict[bytes, DestinationStack] = {}
         self.flow_count = 0
         self.per_guest: dict[bytes, int] = {}
