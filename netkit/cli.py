@@ -39,6 +39,20 @@ def add_switch_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-host-loopback", action="store_true",
                    help="do not map the host IP to host 127.0.0.1")
     g.add_argument("--pcap", metavar="FILE", help="capture every guest link's frames to a pcap file")
+    g.add_argument("--forward", action="append", default=[], metavar="SPEC",
+                   help="forward a host port into a guest: tcp:[ADDR:]PORT:GUEST_IP:GUEST_PORT, udp:... or "
+                        "unix:PATH:GUEST_IP:GUEST_PORT (repeatable; ADDR defaults to 127.0.0.1)")
+    g = p.add_argument_group("limits")
+    g.add_argument("--max-connections", type=int, metavar="N",
+                   help="most guest TCP connections at once; SYNs beyond get RST (default 65536)")
+    g.add_argument("--max-connections-per-guest", type=int, metavar="N",
+                   help="most TCP connections one guest address may hold (default 16384)")
+    g.add_argument("--tcp-connect-timeout", type=float, metavar="SECONDS",
+                   help="how long a host connect() may take before the guest gets RST (default 15)")
+    g.add_argument("--udp-idle-timeout", type=float, metavar="SECONDS",
+                   help="close UDP flows idle this long (default 60)")
+    g.add_argument("--udp-max-flows", type=int, metavar="N",
+                   help="most UDP flows; the least recently used is evicted beyond (default 4096)")
     g.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
                    help="log verbosity (default info)")
 
@@ -49,7 +63,9 @@ def build_config(args: argparse.Namespace) -> Config:
     if args.config:
         base = Config.from_toml(args.config)
     overrides: dict[str, object] = {}
-    for flag in ("subnet", "gateway_ip", "host_ip", "lowest_ip", "highest_ip", "mtu", "log_level"):
+    for flag in ("subnet", "gateway_ip", "host_ip", "lowest_ip", "highest_ip", "mtu", "log_level",
+                 "max_connections", "max_connections_per_guest", "tcp_connect_timeout", "udp_idle_timeout",
+                 "udp_max_flows"):
         value = getattr(args, flag, None)
         if value is not None:
             overrides[flag] = value
@@ -58,6 +74,14 @@ def build_config(args: argparse.Namespace) -> Config:
             if "=" not in item:
                 raise ConfigError(f"--nat: expected VIRTUAL=REAL, got {item!r}")
         overrides["nat"] = list(args.nat)
+    if getattr(args, "forward", None):
+        from .forward import ForwardError, parse_forward_spec
+        for spec in args.forward:
+            try:
+                parse_forward_spec(spec)
+            except ForwardError as e:
+                raise ConfigError(f"forward: {e}") from None
+        overrides["forwards"] = list(args.forward)
     if getattr(args, "no_host_loopback", False):
         overrides["host_loopback"] = False
     try:
@@ -175,6 +199,8 @@ def _open_pcap(path: str | None):
 
 
 async def _run_switch(args: argparse.Namespace, config: Config) -> None:
+    from .forward import ForwardError
+
     pcap_file = _open_pcap(args.pcap)
     try:
         async with open_switch(config) as switch:
@@ -182,6 +208,8 @@ async def _run_switch(args: argparse.Namespace, config: Config) -> None:
             log.info("netkit switch up: gateway %s, host %s, subnet %s", config.gateway_ip, config.host_ip,
                      config.subnet)
             await _wait_for_signal()
+    except ForwardError as e:
+        raise UsageError(f"--forward: {e}") from None
     finally:
         if pcap_file is not None:
             pcap_file.close()
@@ -253,11 +281,25 @@ async def _run_command(config: Config, args: argparse.Namespace, argv: list[str]
             pcap_file.close()
 
 
+# ----------------------------------------------------------------------------- netkit vm
+def vm_parser(sub) -> argparse.ArgumentParser:
+    from .vm import add_vm_options
+    p = sub.add_parser(
+        "vm", help="boot a QEMU VM whose network is netkit",
+        description="Start a netkit switch in this process and boot a QEMU guest (virtio-net over "
+                    "QEMU's stream netdev) on it, with its serial console on this terminal. "
+                    "Exits with QEMU's status.")
+    add_switch_options(p)
+    add_vm_options(p)
+    return p
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="netkit", description="netkit: a userspace network stack for "
                                      "VMs and network namespaces.")
     sub = parser.add_subparsers(dest="subcommand", required=True)
     rp = run_parser(sub)
+    vp = vm_parser(sub)
     args = parser.parse_args(argv)
     if args.subcommand == "run":
         command = list(args.command)
@@ -278,6 +320,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             rp.error(str(e))
         except KeyboardInterrupt:
             return 130
+    elif args.subcommand == "vm":
+        from .vm import vm_main
+        return vm_main(args, vp)
     return 2
 
 

@@ -44,6 +44,15 @@ class StaticLease:
     uuid: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Share:
+    """A host directory exported to guests over 9P; guests mount it with ``aname=NAME``."""
+
+    name: str
+    path: str
+    read_only: bool = False
+
+
 def _ip(name: str, value: Any) -> IPv4Address:
     try:
         return IPv4Address(str(value))
@@ -143,6 +152,21 @@ class Config:
     #: Most queries answered at once on one DNS-over-TCP connection (more are not read yet).
     dns_tcp_pipeline: int = 32
 
+    # --- 9P file sharing (TCP 564 on the gateway) ---
+    #: Host directories guests may mount (``mount -t 9p -o trans=tcp,aname=NAME``).
+    shares: tuple[Share, ...] = ()
+    #: Largest 9P message size negotiated (Linux's TCP transport goes up to 1 MiB).
+    files_msize_max: int = 1024 * 1024
+    #: Most fids (open handles and walked names) one 9P connection may hold.
+    files_max_fids: int = 4096
+    #: Most 9P requests of one connection in progress at once.
+    files_max_outstanding: int = 32
+
+    # --- port forwards ---
+    #: Static forwards, as ``tcp:[ADDR:]PORT:GUEST_IP:GUEST_PORT``, ``udp:...`` or
+    #: ``unix:PATH:GUEST_IP:GUEST_PORT`` (see netkit.forward).
+    forwards: tuple[str, ...] = ()
+
     # --- misc ---
     log_level: str = "info"
 
@@ -206,6 +230,47 @@ class Config:
         for name in ("tcp_connect_timeout", "udp_idle_timeout", "icmp_idle_timeout", "reassembly_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive")
+        self._validate_shares()
+        self._validate_dns()
+
+    def _validate_dns(self) -> None:
+        for name in ("host_names", "gateway_names", "vm_names"):
+            for dns_name in getattr(self, name):
+                if not _is_dns_name(dns_name):
+                    raise ConfigError(f"{name}: {dns_name!r} is not a valid DNS name")
+        if self.dns_mode not in ("forward", "getaddrinfo"):
+            raise ConfigError(f"dns_mode: {self.dns_mode!r} is not 'forward' or 'getaddrinfo'")
+        for server in self.dns_upstreams:
+            parse_dns_server(server, "dns_upstreams")
+        for name in ("dns_timeout", "dns_tcp_idle_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be positive")
+        for name in ("dns_retries", "dns_cache_entries", "dns_cache_max_ttl", "dns_negative_cache_max_ttl"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must not be negative")
+        for name in ("dns_max_in_flight", "dns_tcp_pipeline"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be at least 1")
+
+    def _validate_shares(self) -> None:
+        share_names: set[str] = set()
+        for share in self.shares:
+            if not share.name or "/" in share.name or "\0" in share.name or len(share.name) > 255:
+                raise ConfigError(f"shares: {share.name!r} is not a valid share name")
+            if share.name in share_names:
+                raise ConfigError(f"shares: duplicate share name {share.name!r}")
+            if not share.path.startswith("/"):
+                raise ConfigError(f"shares: path of {share.name!r} must be absolute, not {share.path!r}")
+            share_names.add(share.name)
+        if not 4096 <= self.files_msize_max <= 16 * 1024 * 1024:
+            raise ConfigError("files_msize_max: must be 4096..16777216")
+        for name in ("files_max_fids", "files_max_outstanding"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be at least 1")
+
+    def shares_by_name(self) -> dict[str, Share]:
+        """The shares keyed by attach name (``aname``), as ``serve_9p`` takes them."""
+        return {share.name: share for share in self.shares}
 
     def pool(self) -> range:
         """The integer addresses DHCP may hand out dynamically."""
@@ -308,6 +373,15 @@ def _coerce(name: str, value: Any) -> Any:
             return tuple(str(v) for v in value)
         if name == "dns_hosts_file":
             return str(value) if value else None
+        if name in ("dns_retries", "dns_max_in_flight", "dns_cache_entries", "dns_cache_max_ttl",
+                    "dns_negative_cache_max_ttl", "dns_tcp_pipeline"):
+            return int(value)
+        if name in ("dns_timeout", "dns_tcp_idle_timeout"):
+            return float(value)
+        if name == "shares":
+            return _coerce_shares(value)
+        if name in ("files_msize_max", "files_max_fids", "files_max_outstanding"):
+            return int(value)
         if name == "static_leases":
             out = []
             for item in value:
@@ -328,6 +402,23 @@ def _coerce(name: str, value: Any) -> Any:
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"{name}: invalid value {value!r}") from None
+
+
+def _coerce_shares(value: Any) -> tuple[Share, ...]:
+    """TOML ``[[shares]]`` tables (name, path, read_only) or ``NAME=PATH[:ro]`` strings."""
+    out = []
+    for item in value:
+        if isinstance(item, Share):
+            out.append(item)
+        elif isinstance(item, str):
+            share_name, sep, rest = item.partition("=")
+            if not sep:
+                raise ConfigError(f"shares: expected NAME=PATH[:ro], got {item!r}")
+            read_only = rest.endswith(":ro")
+            out.append(Share(share_name, rest[:-3] if read_only else rest, read_only))
+        else:
+            out.append(Share(str(item["name"]), str(item["path"]), bool(item.get("read_only", False))))
+    return tuple(out)
 
 
 def subnet_mask(subnet: IPv4Network) -> IPv4Address:

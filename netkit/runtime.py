@@ -9,6 +9,8 @@ from typing import AsyncIterator
 import trio
 
 from .config import Config
+from .dns.server import DnsService
+from .forward import PortForwarder, parse_forward_spec
 from .gateway import Gateway
 from .nat.host import HostNetwork
 from .nat.icmp import IcmpNat
@@ -20,6 +22,8 @@ __all__ = ["open_switch", "LEASE_EXPIRY_INTERVAL"]
 
 log = logging.getLogger("netkit")
 
+DNS_PORT = 53
+
 #: How often expired DHCP leases are swept (seconds).
 LEASE_EXPIRY_INTERVAL = 10.0
 
@@ -28,6 +32,31 @@ async def _sweep_leases(gateway: Gateway) -> None:
     while True:
         await trio.sleep(LEASE_EXPIRY_INTERVAL)
         gateway.expire_leases()
+
+
+def _start_dns(config: Config, switch: Switch, nursery: trio.Nursery) -> DnsService:
+    """DNS on the gateway: UDP and TCP port 53."""
+    dns = DnsService(config)
+    gateway = switch.gateway
+
+    def own_lease(ip):
+        lease = gateway.leases.lookup_ip(ip)
+        return lease.ip if lease is not None else ip
+
+    dns.vm_name_resolver = own_lease
+
+    async def answer(query: bytes, client, reply) -> None:
+        response = await dns.handle_query(query, client=client, transport="udp")
+        if response is not None:
+            reply(response)
+
+    def datagram(payload, client, reply) -> None:
+        # One task per query: a slow upstream must never hold up the next question.
+        nursery.start_soon(answer, bytes(payload), client, reply)
+
+    gateway.register_udp_service(DNS_PORT, datagram)
+    switch.tcp_nat.register_service(DNS_PORT, dns.serve_tcp)
+    return dns
 
 
 @asynccontextmanager
@@ -40,18 +69,30 @@ async def open_switch(config: Config | None = None, *, host: HostNetwork | None 
     subclass to simulate refused, unreachable or slow destinations).
     """
     config = config or Config()
-    async with trio.open_nursery() as nursery:
-        switch = Switch(config, nursery)
-        gateway = Gateway(config, switch, trio.current_time)
-        switch.tcp_nat = TcpNat(config, gateway, nursery, host)
-        switch.udp_nat = UdpNat(config, gateway, nursery, host)
-        switch.icmp_nat = IcmpNat(config, gateway, nursery, host)
-        nursery.start_soon(_sweep_leases, gateway, name="lease-sweeper")
-        try:
-            yield switch
-        finally:
-            nursery.cancel_scope.cancel()
-            # Flows' host sockets belong to the switch: close them with it.
-            switch.tcp_nat.close()
-            switch.udp_nat.close()
-            switch.icmp_nat.close()
+    try:
+        async with trio.open_nursery() as nursery:
+            switch = Switch(config, nursery)
+            gateway = Gateway(config, switch, trio.current_time)
+            switch.tcp_nat = TcpNat(config, gateway, nursery, host)
+            switch.udp_nat = UdpNat(config, gateway, nursery, host)
+            switch.icmp_nat = IcmpNat(config, gateway, nursery, host)
+            switch.forwarder = PortForwarder(switch, nursery)
+            switch.dns = _start_dns(config, switch, nursery)
+            try:
+                for spec in config.forwards:
+                    switch.forwarder.add(*parse_forward_spec(spec))
+                nursery.start_soon(_sweep_leases, gateway, name="lease-sweeper")
+                yield switch
+            finally:
+                nursery.cancel_scope.cancel()
+                # Flows' host sockets belong to the switch: close them with it.
+                switch.forwarder.close()
+                switch.tcp_nat.close()
+                switch.udp_nat.close()
+                switch.icmp_nat.close()
+    except BaseExceptionGroup as group:
+        # The nursery wraps whatever the caller's block raised; give them their own
+        # exception back when it is the only one.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise

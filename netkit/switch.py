@@ -84,6 +84,8 @@ class Switch:
         self.tcp_nat = None
         self.udp_nat = None
         self.icmp_nat = None
+        self.forwarder = None  # netkit.forward.PortForwarder
+        self.dns = None  # netkit.dns.server.DnsService
         self._detach_hooks: list[Callable[[Port], None]] = []
         self._batch_hooks: list[Callable[[], None]] = []
 

@@ -24,6 +24,7 @@ All engine timers share one task and one heap.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import socket
 import struct
@@ -61,6 +62,8 @@ _GSO_MAX_PACKET = 65535
 #: Most bytes read from a host socket at once.
 _READ_CHUNK = 256 * 1024
 _LINGER_RST = struct.pack("ii", 1, 0)
+#: Source ports on the host alias for connections port forwards open into guests.
+_FORWARD_PORTS = range(32768, 61000)
 
 
 @dataclass(eq=False)
@@ -139,6 +142,7 @@ class TcpNat:
         self._options_cache: tuple[object, bytes] = (None, b"")
         #: Gateway port -> ``async handler(stream, (guest_ip, guest_port))`` for services.
         self.services: dict[int, object] = {}
+        self._forward_ports = itertools.cycle(_FORWARD_PORTS)
         gateway.nat[PROTO_TCP] = self.input
         gateway.unclaimed[PROTO_TCP] = self.input
         gateway.switch.on_batch_done(self.flush)
@@ -358,6 +362,55 @@ class TcpNat:
             finally:
                 await flow.stream.aclose()
 
+    # ------------------------------------------------------------------ port forwards
+    def open_to_guest(self, guest_ip: IPv4Address, guest_port: int, sock: socket.socket) -> TcpFlow | None:
+        """Carry an accepted host connection (``sock``, non-blocking) into the guest:
+        the engine's active side connects from the host alias to ``guest_ip:guest_port``
+        and bytes are spliced as for NAT. Returns None (and resets ``sock``) when no
+        guest has that address or the connection limit is reached."""
+        now = trio.current_time()
+        mac = self.gateway.mac_for_ip(guest_ip.packed)
+        port = self.gateway.switch.port_for_mac(mac) if mac is not None else None
+        if port is None or self.flow_count >= self.config.max_connections:
+            self._count("forward-no-guest" if port is None else "connection-limit")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+            sock.close()
+            return None
+        src = self.config.host_ip.packed
+        stack = self.stacks.get(src)
+        if stack is None:
+            stack = self.stacks[src] = DestinationStack(src, self.config.host_ip)
+        for _ in range(len(_FORWARD_PORTS)):
+            local_port = next(self._forward_ports)
+            if (guest_ip.packed, guest_port, local_port) not in stack.flows:
+                break
+        else:
+            self._count("forward-ports-exhausted")
+            sock.close()
+            return None
+        settings = self.offload_settings if port.link.offload else self.settings
+        conn = TcpConnection.connect(now, settings)
+        flow = TcpFlow(self, port, mac, guest_ip.packed, guest_port, src, local_port, conn, created=now)
+        flow.sock = sock
+        stack.flows[flow.key] = flow
+        self.flow_count += 1
+        self.per_guest[flow.guest_ip] = self.per_guest.get(flow.guest_ip, 0) + 1
+        self._count("forwards-opened")
+        self._service(flow, now)
+        self.nursery.start_soon(self._splice, flow)
+        return flow
+
+    async def _splice(self, flow: TcpFlow) -> None:
+        with flow.cancel_scope:
+            await self._splice_body(flow)
+
+    async def _splice_body(self, flow: TcpFlow) -> None:
+        """Bytes both ways between the host socket and the engine, until the flow closes."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._host_writer, flow)
+            await self._host_reader(flow)
+            await trio.sleep_forever()  # the flow ends through _close_flow's cancel
+
     # ------------------------------------------------------------------ host side
     async def _run_flow(self, flow: TcpFlow, real: IPv4Address) -> None:
         with flow.cancel_scope:
@@ -378,10 +431,7 @@ class TcpNat:
             now = trio.current_time()
             flow.conn.accept(now)
             self._service(flow, now)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._host_writer, flow)
-                await self._host_reader(flow)
-                await trio.sleep_forever()  # the flow ends through _close_flow's cancel
+            await self._splice_body(flow)
 
     def _connect_failed(self, flow: TcpFlow, e: OSError) -> None:
         if e.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
@@ -407,7 +457,8 @@ class TcpNat:
         while not flow.closed:
             space = conn.send_space()
             if space <= 0:
-                if conn.state not in (TcpState.ESTABLISHED, TcpState.CLOSE_WAIT, TcpState.SYN_RECEIVED):
+                if conn.state not in (TcpState.ESTABLISHED, TcpState.CLOSE_WAIT, TcpState.SYN_RECEIVED,
+                                      TcpState.SYN_SENT):
                     return
                 flow.wake_reader = trio.Event()
                 await flow.wake_reader.wait()

@@ -84,6 +84,9 @@ class UdpNat:
         self.flows: collections.OrderedDict[tuple[bytes, int], UdpFlow] = collections.OrderedDict()
         self.counters: collections.Counter[str] = collections.Counter()
         self._expiry: TimerHeap[UdpFlow] = TimerHeap()
+        #: (virtual IP, port) -> ``handler(ip, udp)`` for datagrams that answer a port
+        #: forward rather than open a flow of their own (see netkit.forward).
+        self.reverse: dict[tuple[bytes, int], object] = {}
         gateway.nat[PROTO_UDP] = self.input
         gateway.unclaimed[PROTO_UDP] = self.port_unreachable
         gateway.switch.on_detach(self._port_detached)
@@ -95,6 +98,11 @@ class UdpNat:
         if not port.link.offload and not udp.checksum_ok(ip.src, ip.dst):
             self.counters["bad-checksum"] += 1
             return
+        if self.reverse:
+            handler = self.reverse.get((ip.dst, udp.dst_port))
+            if handler is not None:
+                handler(ip, udp)
+                return
         real = translate_destination(self.config, IPv4Address(ip.dst))
         if real is None:
             self.port_unreachable(port, src_mac, ip, now)

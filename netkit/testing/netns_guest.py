@@ -65,6 +65,8 @@ class open_netns_guest:
             link: Link = TapLink.create(tap_name, netns=netns.name, offload=self.offload,
                                         mtu=self.switch.config.mtu)
             netns.rename(tap_name, self.ifname)
+            # ip netns exec bind-mounts this over /etc/resolv.conf: DNS goes to the gateway.
+            netns.write_resolv_conf(self.switch.config.gateway_ip, self.switch.config.domain_search)
             if self.wrap is not None:
                 link = self.wrap(link)
             port = self.switch.attach(link)

@@ -77,7 +77,7 @@ def main() -> None:
     results = sys.argv[1] if len(sys.argv) > 1 else "."
     srv = socket.socket()
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("127.0.0.1", 0))
+    srv.bind((os.environ.get("BIND", "127.0.0.1"), int(os.environ.get("PORT", "0"))))
     srv.listen(4096)
     print(srv.getsockname()[1], flush=True)
     while True:

@@ -4,7 +4,7 @@ import socket
 
 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-sock.bind(("127.0.0.1", 0))
+sock.bind((__import__("os").environ.get("BIND", "127.0.0.1"), int(__import__("os").environ.get("PORT", "0"))))
 print(sock.getsockname()[1], flush=True)
 while True:
     data, addr = sock.recvfrom(65535)
