@@ -265,7 +265,7 @@ class PortForwarder:
         frame = udp_frame(mac, gateway.mac, switch.config.host_ip.packed, forward.guest_ip.packed, flow.local_port,
                           forward.guest_port, data)
         for piece in fragment_frames(frame, switch.config.mtu):
-            port.link.send(piece)
+            port.send(piece)
 
     def _udp_from_guest(self, ip: Ipv4View, udp: UdpView) -> None:
         flow = self._udp_by_port.get(udp.dst_port)

@@ -52,9 +52,18 @@ class Port:
     detached: bool = False
     _done: trio.Event = field(default_factory=trio.Event, repr=False)
 
+    #: A live capture (``netkit.links.middleware.PcapWriter``) taking every frame, or None.
+    capture: object = None
+
     @property
     def name(self) -> str:
         return self.link.name
+
+    def send(self, frame, offload=None) -> bool:
+        """Send a frame to this port's guest (the one way every component does it)."""
+        if self.capture is not None:
+            self.capture.write_frame(frame)
+        return self.link.send(frame, offload)
 
     async def wait_detached(self) -> None:
         await self._done.wait()
@@ -88,6 +97,8 @@ class Switch:
         self.dns = None  # netkit.dns.server.DnsService
         self._detach_hooks: list[Callable[[Port], None]] = []
         self._batch_hooks: list[Callable[[], None]] = []
+        self._capture = None
+        self._capture_path: str | None = None
 
     # ----- ports -----
     def attach(self, link: Link) -> Port:
@@ -96,6 +107,7 @@ class Switch:
             self.drops["port-limit"] += 1
             raise SwitchError(f"switch has max_ports={self.config.max_ports} ports already")
         port = Port(next(self._port_ids), link)
+        port.capture = self._capture
         self._ports[port.id] = port
         log.info("port %d attached: %s", port.id, link.name)
         self._nursery.start_soon(self._run_port, port, name=f"port-{port.id}")
@@ -169,6 +181,8 @@ class Switch:
     def input(self, port: Port, frame: bytes) -> None:
         """Handle one frame a guest sent on ``port``. Never raises."""
         self.frames_in += 1
+        if port.capture is not None:
+            port.capture.write_frame(frame)
         if len(frame) < 14:
             self.drops["runt"] += 1
             return
@@ -236,7 +250,7 @@ class Switch:
         return True
 
     def _send(self, port: Port, frame, offload=None) -> None:
-        if port.link.send(frame, offload):
+        if port.send(frame, offload):
             self.frames_out += 1
         else:
             self.drops["link-queue-full"] += 1
@@ -253,6 +267,33 @@ class Switch:
             return False
         self._send(port, frame, offload)
         return True
+
+    # ----- live capture -----
+    def start_capture(self, path: str, *, max_bytes: int | None = None) -> None:
+        """Record every frame of every port (present and future) to a pcap file."""
+        from .links.middleware import PcapWriter
+
+        if self._capture is not None:
+            raise SwitchError("a capture is already running; stop it first")
+        self._capture = PcapWriter(path, max_bytes=max_bytes)
+        self._capture_path = path
+        for port in self._ports.values():
+            port.capture = self._capture
+
+    def stop_capture(self) -> str | None:
+        """Stop the live capture; returns the file's path (None if none was running)."""
+        writer = self._capture
+        if writer is None:
+            return None
+        self._capture = None
+        for port in self._ports.values():
+            port.capture = None
+        writer.close()
+        return self._capture_path
+
+    @property
+    def capturing(self) -> bool:
+        return self._capture is not None
 
     async def listen(self, listener) -> None:
         """Serve ``listener`` (anything with ``serve(on_link, task_status=...)``) in the

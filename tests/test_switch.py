@@ -199,3 +199,19 @@ def test_fuzzed_frames_never_raise_and_are_accounted(frame):
     switch.input(port, frame)  # must not raise
     assert _accounted(switch) > before, "a frame went through without being counted anywhere"
     assert switch.gateway.drops["handler-error"] == 0
+
+
+async def test_live_capture_start_stop(fake_guest, netkit_switch, tmp_path):
+    import dpkt
+
+    path = str(tmp_path / "live.pcap")
+    netkit_switch.start_capture(path)
+    await fake_guest.ping(netkit_switch.config.gateway_ip, count=2)
+    netkit_switch.stop_capture()
+    with open(path, "rb") as f:
+        frames = [raw for _ts, raw in dpkt.pcap.Reader(f)]
+    icmp_types = [dpkt.ethernet.Ethernet(raw).data.data.type for raw in frames
+                  if isinstance(dpkt.ethernet.Ethernet(raw).data, dpkt.ip.IP)]
+    assert icmp_types == [8, 0, 8, 0]
+    await fake_guest.ping(netkit_switch.config.gateway_ip)  # nothing more is written
+    assert len(list(dpkt.pcap.Reader(open(path, "rb")))) == len(frames)

@@ -228,7 +228,7 @@ class IcmpNat:
         flow.replies += 1
         self.counters["echo-replies"] += 1
         src = translate_source(self.config, real_src).packed
-        flow.port.link.send(icmp_frame(flow.guest_mac, self.gateway.mac, src, flow.guest_ip, ECHO_REPLY, 0,
+        flow.port.send(icmp_frame(flow.guest_mac, self.gateway.mac, src, flow.guest_ip, ECHO_REPLY, 0,
                                        struct.pack("!HH", flow.guest_ident, sequence), body))
 
     def _error_to_guest(self, flow: EchoFlow, icmp_type: int, code: int, real_dst: IPv4Address,
@@ -239,7 +239,7 @@ class IcmpNat:
         echo = bytearray(struct.pack("!BBHHH", ECHO_REQUEST, 0, 0, flow.guest_ident, sequence))
         quoted = bytes(build_ipv4_header(flow.guest_ip, virtual_dst, PROTO_ICMP, 8)) + bytes(echo)
         src = translate_source(self.config, offender).packed if offender else virtual_dst
-        flow.port.link.send(icmp_frame(flow.guest_mac, self.gateway.mac, src, flow.guest_ip, icmp_type, code,
+        flow.port.send(icmp_frame(flow.guest_mac, self.gateway.mac, src, flow.guest_ip, icmp_type, code,
                                        b"\0\0\0\0", quoted))
         self.counters[f"icmp-errors-{icmp_type}/{code}"] += 1
 

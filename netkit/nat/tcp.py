@@ -193,7 +193,7 @@ class TcpNat:
             self._count("rst-ignored")
             return
         header = build_tcp_header(tcp.dst_port, tcp.src_port, rst.seq, rst.ack, rst.flags, 0)
-        port.link.send(tcp_frame(src_mac, self.gateway.mac, ip.dst, ip.src, header, b""))
+        port.send(tcp_frame(src_mac, self.gateway.mac, ip.dst, ip.src, header, b""))
         self._count("rst-sent")
 
     def _open_flow(self, port: "Port", src_mac: bytes, ip: Ipv4View, tcp: TcpView, seg: Segment,
@@ -308,9 +308,9 @@ class TcpNat:
         out = flow.conn.take_outgoing()
         if not out:
             return
-        link = flow.port.link
+        link = flow.port  # Port.send: the link, plus the live capture when one runs
         gw_mac = self.gateway.mac
-        offload = link.offload
+        offload = link.link.offload
         mss = flow.conn.send_mss
         cache_key, cache_bytes = self._options_cache
         for seg in out:
@@ -439,7 +439,7 @@ class TcpNat:
             code = UNREACH_HOST if e.errno == errno.EHOSTUNREACH else UNREACH_NET
             frame = icmp_frame(flow.guest_mac, self.gateway.mac, self.gateway.ip, flow.guest_ip, DEST_UNREACHABLE,
                                code, b"\0\0\0\0", flow.syn_quote)
-            flow.port.link.send(frame)
+            flow.port.send(frame)
             self._close_flow(flow)
             return
         self._count("connect-refused" if e.errno == errno.ECONNREFUSED else "connect-errors")

@@ -179,7 +179,7 @@ class UdpNat:
         frame = udp_frame(flow.guest_mac, self.gateway.mac, virtual, flow.guest_ip, src_port, flow.guest_port, data,
                           ident=flow.datagrams_to_guest)
         for piece in fragment_frames(frame, self.config.mtu):
-            flow.port.link.send(piece)
+            flow.port.send(piece)
 
     def _icmp_errors(self, flow: UdpFlow) -> None:
         for error in read_errors(flow.sock):
@@ -192,14 +192,14 @@ class UdpNat:
             frame = icmp_frame(flow.guest_mac, self.gateway.mac, offender, flow.guest_ip, error.type, error.code,
                                struct.pack("!I", error.info & 0xFFFF if error.type == DEST_UNREACHABLE else 0),
                                quoted)
-            flow.port.link.send(frame)
+            flow.port.send(frame)
             self.counters[f"icmp-errors-{error.type}/{error.code}"] += 1
 
     def port_unreachable(self, port: "Port", src_mac: bytes, ip: Ipv4View, now: float) -> None:
         """No one serves this UDP port (on the gateway, or a disabled host alias)."""
         self.counters["port-unreachable"] += 1
         quoted = bytes(ip.buf[:ip.header_len + 8])
-        port.link.send(icmp_frame(src_mac, self.gateway.mac, ip.dst, ip.src, DEST_UNREACHABLE, UNREACH_PORT,
+        port.send(icmp_frame(src_mac, self.gateway.mac, ip.dst, ip.src, DEST_UNREACHABLE, UNREACH_PORT,
                                   b"\0\0\0\0", quoted))
 
     # ----- lifetime -----

@@ -1,0 +1,27 @@
+"""netkit's HTTP proxy (vpnkit's http.docker.internal:3128), on trio streams.
+
+- ``HttpProxy.handle_client(stream, client)``: the explicit proxy port. Absolute-form
+  requests (``GET http://host/path``) are forwarded with bodies streamed both ways
+  (Content-Length and chunked), keep-alive on both sides (idle origin connections are
+  reused per client connection), hop-by-hop headers removed and ``Via: 1.1 netkit``
+  added. ``CONNECT host:port`` opens a tunnel (half-close aware).
+- ``HttpProxy.handle_transparent(stream, client, original_dst, tls)``: a guest
+  connection to port 80/443 of any destination, routed by the Host header (HTTP) or by
+  the TLS ClientHello's server name (falling back to the original IP).
+- Upstream proxies (``ProxySettings.http``/``https``, ``user:pass@`` becomes Basic
+  Proxy-Authorization), an exclude list that goes direct, an allow list (403 with a
+  configurable message), readable 400/403/502/503/504 answers, and limits on header
+  size and connections.
+- ``ProxySettings.from_vpnkit_json`` / ``from_environment``; ``HttpProxy.watch_file``
+  reloads a vpnkit ``--http`` JSON file when it changes.
+"""
+
+from .proxy import Connector, HttpProxy, split_authority
+from .settings import ConfigError, HostPatterns, ProxySettings, Upstream
+from .sni import MAX_CLIENT_HELLO, SniResult, SniStatus, parse_client_hello_untrusted
+
+__all__ = [
+    "HttpProxy", "Connector", "ProxySettings", "Upstream", "HostPatterns", "ConfigError",
+    "SniResult", "SniStatus", "parse_client_hello_untrusted", "MAX_CLIENT_HELLO",
+    "split_authority",
+]
