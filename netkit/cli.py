@@ -42,6 +42,19 @@ def add_switch_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--forward", action="append", default=[], metavar="SPEC",
                    help="forward a host port into a guest: tcp:[ADDR:]PORT:GUEST_IP:GUEST_PORT, udp:... or "
                         "unix:PATH:GUEST_IP:GUEST_PORT (repeatable; ADDR defaults to 127.0.0.1)")
+    g = p.add_argument_group("DNS (the gateway answers on port 53)")
+    g.add_argument("--dns-upstream", action="append", default=[], metavar="ADDR[:PORT]",
+                   help="forward queries to this server (repeatable; default: the host's /etc/resolv.conf)")
+    g.add_argument("--dns-mode", choices=["forward", "getaddrinfo"],
+                   help="forward: send queries upstream; getaddrinfo: resolve A/AAAA with the host's "
+                        "resolver (follows VPN split DNS)")
+    g.add_argument("--hosts", metavar="FILE", help="an /etc/hosts-style file whose names win (reloaded on change)")
+    g.add_argument("--host-names", metavar="NAMES",
+                   help="comma-separated names for the host alias (default host.docker.internal,...)")
+    g.add_argument("--gateway-names", metavar="NAMES",
+                   help="comma-separated names for the gateway (default gateway.docker.internal,...)")
+    g.add_argument("--vm-names", metavar="NAMES", help="comma-separated names that resolve to the asking guest")
+    g.add_argument("--domain-search", metavar="DOMAINS", help="comma-separated DHCP search domains (option 119)")
     g = p.add_argument_group("limits")
     g.add_argument("--max-connections", type=int, metavar="N",
                    help="most guest TCP connections at once; SYNs beyond get RST (default 65536)")
@@ -55,6 +68,11 @@ def add_switch_options(p: argparse.ArgumentParser) -> None:
                    help="most UDP flows; the least recently used is evicted beyond (default 4096)")
     g.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
                    help="log verbosity (default info)")
+
+
+#: Config settings whose command-line flag has another name.
+_FLAG_FOR_SETTING = {"dns_upstreams": "dns-upstream", "dns_hosts_file": "hosts", "forwards": "forward",
+                     "host_loopback": "no-host-loopback"}
 
 
 def build_config(args: argparse.Namespace) -> Config:
@@ -74,6 +92,17 @@ def build_config(args: argparse.Namespace) -> Config:
             if "=" not in item:
                 raise ConfigError(f"--nat: expected VIRTUAL=REAL, got {item!r}")
         overrides["nat"] = list(args.nat)
+    for flag, field in (("dns_upstream", "dns_upstreams"),):
+        if getattr(args, flag, None):
+            overrides[field] = list(getattr(args, flag))
+    for flag in ("host_names", "gateway_names", "vm_names", "domain_search"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides[flag] = [name.strip() for name in value.split(",") if name.strip()]
+    if getattr(args, "dns_mode", None):
+        overrides["dns_mode"] = args.dns_mode
+    if getattr(args, "hosts", None):
+        overrides["dns_hosts_file"] = args.hosts
     if getattr(args, "forward", None):
         from .forward import ForwardError, parse_forward_spec
         for spec in args.forward:
@@ -87,8 +116,9 @@ def build_config(args: argparse.Namespace) -> Config:
     try:
         return Config.from_mapping(overrides, base)
     except ConfigError as e:
-        flag = str(e).split(":", 1)[0].replace("_", "-")
-        raise ConfigError(f"--{flag}: {str(e).split(':', 1)[-1].strip()}") from None
+        setting, _, message = str(e).partition(":")
+        flag = _FLAG_FOR_SETTING.get(setting, setting.replace("_", "-"))
+        raise ConfigError(f"--{flag}: {message.strip()}") from None
 
 
 def _setup_logging(level: str) -> None:
