@@ -1,15 +1,18 @@
 """``make demo``: one real guest (a network namespace) on a netkit switch.
 
 It creates a namespace, attaches it through a tap, lets the guest's kernel and busybox
-udhcpc take a DHCP lease, pings the gateway, prints what happened, and cleans up.
-Needs root (namespaces and taps).
+udhcpc take a DHCP lease, pings the gateway, resolves host.docker.internal through
+netkit's DNS, fetches a page from an HTTP server on the host's 127.0.0.1 through NAT,
+prints what happened, and cleans up. Needs root (namespaces and taps).
 """
 
 from __future__ import annotations
 
+import http.server
 import os
 import shlex
 import sys
+import threading
 
 import trio
 
@@ -49,15 +52,41 @@ async def demo(config: Config) -> None:
             await _show(guest, ["ip", "-4", "addr", "show", "dev", guest.ifname])
             await _show(guest, ["ping", "-c", "3", "-i", "0.2", "-W", "2", str(config.gateway_ip)])
             await _show(guest, ["ip", "neigh", "show", "dev", guest.ifname])
+            await _show(guest, ["busybox", "nslookup", "host.docker.internal", str(config.gateway_ip)])
+            port = _start_host_http_server()
+            _say(f"  host: an HTTP server on 127.0.0.1:{port} (the guest reaches it as host.docker.internal)")
+            await _show(guest, ["timeout", "10", "busybox", "wget", "-q", "-O", "-",
+                                f"http://host.docker.internal:{port}/"])
             _say()
             stats = switch.statistics()
             gw = stats["gateway"]
+            _say(f"  NAT: {switch.tcp_nat.statistics()}")
+            _say(f"  DNS: {switch.dns.statistics()['queries']} queries")
             _say(f"  switch: {stats['frames_in']} frames in, {stats['frames_out']} out; "
                  f"gateway answered {gw['counters'].get('arp-replies', 0)} ARP and "
                  f"{gw['counters'].get('icmp-echo-replies', 0)} echo requests; dhcp {gw['dhcp']}")
             for lease_obj in switch.leases():
                 _say(f"  lease table: {format_mac(lease_obj.mac)} -> {lease_obj.ip} ({lease_obj.state})")
     _say("  cleaned up: namespace and tap removed")
+
+
+class _Hello(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        body = f"hello from the host, you are {self.client_address[0]}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def _start_host_http_server() -> int:
+    """A host-side server on loopback, in a thread (the switch keeps the trio thread)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hello)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server.server_address[1]
 
 
 def main() -> int:
