@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test venv tools-test tools-demo tools-bench bench bench-smoke clean
+.PHONY: demo test venv tools-test tools-demo tools-bench bench bench-smoke clean guest-image
 
 $(STAMP): pyproject.toml
 	@if ! $(PYTHON) -m venv $(VENV) >/dev/null 2>&1; then \
@@ -37,3 +37,20 @@ test: venv tools-test
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
+
+## guest-image: the QEMU test guest (Debian kernel + busybox initramfs) in build/guest (cached)
+guest-image:
+	tests/guest/build.sh
+
+## bench: netkit against pasta, slirp4netns and a kernel veth (root; ~15 min; BENCH_ARGS="--only tcp" etc.)
+BENCH_STAMP := $(VENV)/.bench-stamp
+$(BENCH_STAMP): $(STAMP)
+	$(VENV)/bin/pip install -q -e '.[test,bench]'
+	@touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP) tools-bench
+	$(PY) -m benchmarks $(BENCH_ARGS)
+
+## bench-smoke: one short run of every stack and figure (about a minute)
+bench-smoke: $(BENCH_STAMP) tools-bench
+	$(PY) -m benchmarks --smoke $(BENCH_ARGS)
