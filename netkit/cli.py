@@ -55,6 +55,13 @@ def add_switch_options(p: argparse.ArgumentParser) -> None:
                    help="comma-separated names for the gateway (default gateway.docker.internal,...)")
     g.add_argument("--vm-names", metavar="NAMES", help="comma-separated names that resolve to the asking guest")
     g.add_argument("--domain-search", metavar="DOMAINS", help="comma-separated DHCP search domains (option 119)")
+    g = p.add_argument_group("outbound policy")
+    g.add_argument("--allow", action="append", default=[], metavar="[PROTO:]CIDR[:PORTS]",
+                   help="only these destinations may be reached (repeatable); also lifts the default "
+                        "metadata-address deny for what it names")
+    g.add_argument("--deny", action="append", default=[], metavar="[PROTO:]CIDR[:PORTS]",
+                   help="never reach these destinations (repeatable; wins over --allow). "
+                        "169.254.169.254 is denied unless allowed")
     g = p.add_argument_group("limits")
     g.add_argument("--max-connections", type=int, metavar="N",
                    help="most guest TCP connections at once; SYNs beyond get RST (default 65536)")
@@ -99,6 +106,9 @@ def build_config(args: argparse.Namespace) -> Config:
         value = getattr(args, flag, None)
         if value is not None:
             overrides[flag] = [name.strip() for name in value.split(",") if name.strip()]
+    for flag in ("allow", "deny"):
+        if getattr(args, flag, None):
+            overrides[flag] = list(getattr(args, flag))
     if getattr(args, "dns_mode", None):
         overrides["dns_mode"] = args.dns_mode
     if getattr(args, "hosts", None):

@@ -162,6 +162,14 @@ class Config:
     #: Most 9P requests of one connection in progress at once.
     files_max_outstanding: int = 32
 
+    # --- outbound policy (netkit.policy) ---
+    #: Destinations guests may reach, ``[PROTO:]CIDR[:PORTS]``; when any are given, only those.
+    allow: tuple[str, ...] = ()
+    #: Destinations guests may never reach (wins over allow).
+    deny: tuple[str, ...] = ()
+    #: Refused unless an allow rule names them: the cloud metadata address, as gvproxy does.
+    default_deny: tuple[str, ...] = ("169.254.169.254/32",)
+
     # --- port forwards ---
     #: Static forwards, as ``tcp:[ADDR:]PORT:GUEST_IP:GUEST_PORT``, ``udp:...`` or
     #: ``unix:PATH:GUEST_IP:GUEST_PORT`` (see netkit.forward).
@@ -231,6 +239,7 @@ class Config:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive")
         self._validate_shares()
+        self._validate_policy()
         self._validate_dns()
 
     def _validate_dns(self) -> None:
@@ -271,6 +280,16 @@ class Config:
     def shares_by_name(self) -> dict[str, Share]:
         """The shares keyed by attach name (``aname``), as ``serve_9p`` takes them."""
         return {share.name: share for share in self.shares}
+
+    def _validate_policy(self) -> None:
+        from .policy import PolicyError, parse_rule
+
+        for name in ("allow", "deny", "default_deny"):
+            for rule in getattr(self, name):
+                try:
+                    parse_rule(rule)
+                except PolicyError as e:
+                    raise ConfigError(f"{name}: {e}") from None
 
     def pool(self) -> range:
         """The integer addresses DHCP may hand out dynamically."""

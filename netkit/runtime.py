@@ -37,6 +37,7 @@ async def _sweep_leases(gateway: Gateway) -> None:
 def _start_dns(config: Config, switch: Switch, nursery: trio.Nursery) -> DnsService:
     """DNS on the gateway: UDP and TCP port 53."""
     dns = DnsService(config)
+    dns.policy = switch.policy
     gateway = switch.gateway
 
     def own_lease(ip):

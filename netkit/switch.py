@@ -24,6 +24,7 @@ import trio
 
 from .config import Config, format_mac
 from .links.base import Link, LinkClosed
+from .policy import Policy
 
 if TYPE_CHECKING:
     from .gateway import Gateway
@@ -98,6 +99,8 @@ class Switch:
         self._detach_hooks: list[Callable[[Port], None]] = []
         self._batch_hooks: list[Callable[[], None]] = []
         self._capture = None
+        #: Which destinations guests may reach (netkit.policy); install ``policy.hook`` to decide in Python.
+        self.policy = Policy(config.allow, config.deny, config.default_deny)
         self._capture_path: str | None = None
 
     # ----- ports -----

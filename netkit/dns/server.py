@@ -32,7 +32,7 @@ from ipaddress import IPv4Address
 from typing import Callable
 
 import trio
-from dnslib import RCODE, DNSRecord
+from dnslib import QTYPE, RCODE, RR, A, DNSRecord
 
 from ..config import Config, parse_dns_server
 from .cache import DnsCache
@@ -83,6 +83,8 @@ class DnsService:
         self.resolver: Resolver = resolver if resolver is not None else default_resolver(config, clock)
         #: Maps a client's IP to the address its vm names resolve to (its own lease).
         self.vm_name_resolver: Callable[[IPv4Address], IPv4Address | None] = lambda ip: ip
+        #: The switch's ``netkit.policy.Policy`` (set by open_switch): asked about every query.
+        self.policy = None
         self._in_flight = 0
         self._stats: collections.Counter[str] = collections.Counter()
 
@@ -165,6 +167,15 @@ class DnsService:
         q = query.question
         if q.qtype in REFUSED_TYPES:
             return reply_for(query, RCODE.REFUSED)
+        if self.policy is not None:
+            decision = self.policy.check_dns(client[0], str(q.qname), QTYPE.get(q.qtype, str(q.qtype)))
+            if decision.action == "deny":
+                return reply_for(query, RCODE.NXDOMAIN, aa=True)
+            if decision.action == "redirect":
+                reply = reply_for(query, RCODE.NOERROR, aa=True)
+                if q.qtype == QTYPE.A:
+                    reply.add_answer(RR(q.qname, QTYPE.A, ttl=0, rdata=A(str(decision.address))))
+                return reply
         local = self.local.lookup(q.qname, q.qtype, q.qclass, vm_address=lambda: self._vm_address(client))
         if local is not None:
             self._stats["answered_local"] += 1

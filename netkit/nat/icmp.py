@@ -27,7 +27,7 @@ from ..config import Config
 from ..timers import TimerHeap
 from ..wire import IcmpView, Ipv4View, MalformedPacket, icmp_frame
 from ..wire.checksum import checksum
-from ..wire.icmpv4 import DEST_UNREACHABLE, ECHO_REPLY, ECHO_REQUEST, TIME_EXCEEDED
+from ..wire.icmpv4 import DEST_UNREACHABLE, ECHO_REPLY, ECHO_REQUEST, TIME_EXCEEDED, UNREACH_ADMIN
 from ..wire.ipv4 import PROTO_ICMP, build_ipv4_header
 from .errqueue import read_errors
 from .host import HostNetwork, translate_destination, translate_source
@@ -89,6 +89,14 @@ class IcmpNat:
         if real is None:
             self.counters["no-destination"] += 1
             return
+        decision = self.gateway.switch.policy.check_flow("icmp", IPv4Address(ip.src), IPv4Address(ip.dst), 0)
+        if decision.action == "deny":
+            self.counters["policy-denied"] += 1
+            port.send(icmp_frame(src_mac, self.gateway.mac, self.gateway.ip, ip.src, DEST_UNREACHABLE, UNREACH_ADMIN,
+                                 b"\0\0\0\0", bytes(ip.buf[:ip.header_len + 8])))
+            return
+        if decision.action == "redirect":
+            real = decision.address
         key = (ip.src, icmp.ident)
         flow = self.flows.get(key)
         if flow is None:

@@ -204,6 +204,17 @@ class TcpNat:
             self._count("closed-port")
             self._reply_rst(port, src_mac, ip, tcp, seg)
             return
+        real_port = tcp.dst_port
+        if service is None:
+            decision = self.gateway.switch.policy.check_flow("tcp", IPv4Address(ip.src), IPv4Address(ip.dst),
+                                                             tcp.dst_port)
+            if decision.action == "deny":
+                self._count("policy-denied")
+                self._reply_rst(port, src_mac, ip, tcp, seg)
+                return
+            if decision.action == "redirect":
+                real = decision.address
+                real_port = decision.port or real_port
         if self.flow_count >= self.config.max_connections:
             self._count("connection-limit")
             self._reply_rst(port, src_mac, ip, tcp, seg)
@@ -226,7 +237,7 @@ class TcpNat:
         if service is not None:
             self.nursery.start_soon(self._run_service, flow, service)
         else:
-            self.nursery.start_soon(self._run_flow, flow, real)
+            self.nursery.start_soon(self._run_flow, flow, real, real_port)
 
     def flush(self) -> None:
         """End of a batch of frames: act on every flow the batch touched."""
@@ -412,11 +423,11 @@ class TcpNat:
             await trio.sleep_forever()  # the flow ends through _close_flow's cancel
 
     # ------------------------------------------------------------------ host side
-    async def _run_flow(self, flow: TcpFlow, real: IPv4Address) -> None:
+    async def _run_flow(self, flow: TcpFlow, real: IPv4Address, real_port: int) -> None:
         with flow.cancel_scope:
             try:
                 with trio.fail_after(self.config.tcp_connect_timeout):
-                    sock = await self.host.connect_tcp(real, flow.dst_port)
+                    sock = await self.host.connect_tcp(real, real_port)
             except trio.TooSlowError:
                 self._count("connect-timeouts")
                 self._refuse(flow)

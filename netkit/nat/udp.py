@@ -28,7 +28,7 @@ from ..config import Config
 from ..timers import TimerHeap
 from ..wire import Ipv4View, UdpView, icmp_frame, udp_frame
 from ..wire.frames import fragment_frames
-from ..wire.icmpv4 import DEST_UNREACHABLE, UNREACH_PORT
+from ..wire.icmpv4 import DEST_UNREACHABLE, UNREACH_ADMIN, UNREACH_PORT
 from ..wire.ipv4 import PROTO_UDP, build_ipv4_header
 from .errqueue import read_errors
 from .host import HostNetwork, translate_destination, translate_source
@@ -41,6 +41,10 @@ __all__ = ["UdpNat", "UdpFlow"]
 
 log = logging.getLogger("netkit.nat.udp")
 
+#: Marks a destination the policy refused.
+_DENIED = object()
+#: Policy answers remembered per flow (a flow spraying destinations is re-asked).
+_MAX_TARGETS_PER_FLOW = 256
 #: Most datagrams read from one flow socket before yielding to other tasks.
 _READ_BATCH = 64
 
@@ -60,6 +64,8 @@ class UdpFlow:
     bytes_to_guest: int = 0
     closed: bool = False
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    #: (virtual IP, port) -> where datagrams really go (or _DENIED), decided once by the policy.
+    targets: dict = field(default_factory=dict)
 
     def describe(self) -> dict:
         return {
@@ -119,9 +125,16 @@ class UdpNat:
         else:
             self.flows.move_to_end(key)
         flow.last_active = now
+        destination = (ip.dst, udp.dst_port)
+        target = flow.targets.get(destination)
+        if target is None:
+            target = self._decide(flow, ip, udp, real)
+        if target is _DENIED:
+            self._prohibited(port, src_mac, ip)
+            return
         payload = udp.payload
         try:
-            flow.sock.sendto(payload, (str(real), udp.dst_port))
+            flow.sock.sendto(payload, target)
         except BlockingIOError:
             self.counters["host-send-dropped"] += 1
             return
@@ -131,6 +144,26 @@ class UdpNat:
             return
         flow.datagrams_to_host += 1
         flow.bytes_to_host += len(payload)
+
+    def _decide(self, flow: UdpFlow, ip: Ipv4View, udp: UdpView, real: IPv4Address):
+        """Ask the policy once per (flow, destination); remember the answer (bounded)."""
+        decision = self.gateway.switch.policy.check_flow("udp", IPv4Address(ip.src), IPv4Address(ip.dst),
+                                                         udp.dst_port)
+        if decision.action == "deny":
+            target = _DENIED
+        elif decision.action == "redirect":
+            target = (str(decision.address), decision.port or udp.dst_port)
+        else:
+            target = (str(real), udp.dst_port)
+        if len(flow.targets) >= _MAX_TARGETS_PER_FLOW:
+            flow.targets.clear()
+        flow.targets[(ip.dst, udp.dst_port)] = target
+        return target
+
+    def _prohibited(self, port: "Port", src_mac: bytes, ip: Ipv4View) -> None:
+        self.counters["policy-denied"] += 1
+        port.send(icmp_frame(src_mac, self.gateway.mac, self.gateway.ip, ip.src, DEST_UNREACHABLE, UNREACH_ADMIN,
+                             b"\0\0\0\0", bytes(ip.buf[:ip.header_len + 8])))
 
     def _open_flow(self, port: "Port", src_mac: bytes, guest_ip: bytes, guest_port: int,
                    now: float) -> UdpFlow | None:

@@ -1,0 +1,116 @@
+"""Outbound policy: rules, the Python hook, and enforcement on real guest traffic."""
+
+import os
+import subprocess
+import sys
+from ipaddress import IPv4Address
+
+import pytest
+import trio
+
+import netkit
+from netkit.policy import ALLOW, DENY, Decision, DnsRequest, FlowRequest, Policy, PolicyError, parse_rule
+from netkit.testing import require_privileged, require_tool
+from netkit.testing.netns_guest import open_netns_guest
+
+TOOLS = os.path.join(os.path.dirname(__file__), "tools")
+HOST = "192.168.65.2"
+
+
+def test_rules():
+    p = Policy(deny=("tcp:10.0.0.0/8:22,8000-8100",))
+    assert p.check_flow("tcp", IPv4Address("192.168.65.3"), IPv4Address("10.1.2.3"), 22) == DENY
+    assert p.check_flow("tcp", IPv4Address("192.168.65.3"), IPv4Address("10.1.2.3"), 8050) == DENY
+    assert p.check_flow("tcp", IPv4Address("192.168.65.3"), IPv4Address("10.1.2.3"), 80) == ALLOW
+    assert p.check_flow("udp", IPv4Address("192.168.65.3"), IPv4Address("10.1.2.3"), 22) == ALLOW
+    assert p.check_flow("tcp", IPv4Address("192.168.65.3"), IPv4Address("169.254.169.254"), 80) == DENY
+    allow_only = Policy(allow=("192.168.65.2", "169.254.169.254"))
+    assert allow_only.check_flow("icmp", IPv4Address("192.168.65.3"), IPv4Address("8.8.8.8"), 0) == DENY
+    assert allow_only.check_flow("tcp", IPv4Address("192.168.65.3"), IPv4Address("169.254.169.254"), 80) == ALLOW
+    assert p.counters["tcp-denied"] == 3
+    with pytest.raises(PolicyError):
+        parse_rule("tcp:10.0.0.0/8:99999")
+    with pytest.raises(netkit.ConfigError, match="deny"):
+        netkit.Config(deny=("not-an-address",))
+
+
+def test_hook_sees_requests_and_failures_refuse():
+    p = Policy()
+    seen = []
+
+    def hook(request):
+        seen.append(request)
+        if isinstance(request, DnsRequest) and request.name == "blocked.test":
+            return DENY
+        if isinstance(request, FlowRequest) and request.port == 666:
+            raise RuntimeError("hook bug")
+        return None
+
+    p.hook = hook
+    assert p.check_flow("tcp", IPv4Address("192.168.65.3"), IPv4Address("1.2.3.4"), 80) == ALLOW
+    assert p.check_flow("tcp", IPv4Address("192.168.65.3"), IPv4Address("1.2.3.4"), 666) == DENY
+    assert p.check_dns(IPv4Address("192.168.65.3"), "Blocked.Test.", "A") == DENY
+    assert seen[0] == FlowRequest("tcp", IPv4Address("192.168.65.3"), IPv4Address("1.2.3.4"), 80)
+    assert p.counters["hook-errors"] == 1
+
+
+@pytest.fixture
+def udp_echo():
+    proc = subprocess.Popen([sys.executable, os.path.join(TOOLS, "udp_echo_server.py")], stdout=subprocess.PIPE,
+                            text=True)
+    yield int(proc.stdout.readline())
+    proc.kill()
+    proc.wait()
+
+
+@pytest.mark.privileged
+async def test_policy_enforced_for_tcp_udp_icmp_and_dns(udp_echo):
+    require_privileged()
+    require_tool("busybox")
+    require_tool("dig")
+    config = netkit.Config(deny=(f"udp:{HOST}:{udp_echo}",), dns_upstreams=("127.0.0.1:9",))
+    async with netkit.open_switch(config) as switch:
+        policy = switch.policy
+
+        def hook(request):
+            if isinstance(request, FlowRequest) and request.protocol == "icmp":
+                return DENY
+            if isinstance(request, DnsRequest) and request.name == "pinned.test":
+                return Decision.redirect("10.20.30.40")
+            if isinstance(request, FlowRequest) and request.port == 7777:
+                return Decision.redirect("127.0.0.1", listener_port)
+            return None
+
+        listener = trio.socket.socket()
+        await listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener_port = listener.getsockname()[1]
+        policy.hook = hook
+        async with open_netns_guest(switch) as guest:
+            await guest.udhcpc()
+            ping = await guest.run(["ping", "-c", "1", "-W", "2", HOST])
+            assert ping.returncode != 0
+            assert switch.icmp_nat.counters["policy-denied"] == 1
+            udp = await guest.run([sys.executable, "-c", f"""
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3); s.connect(("{HOST}", {udp_echo}))
+s.send(b"x")
+try:
+    s.recv(10); print("answered")
+except ConnectionRefusedError:
+    print("refused")
+except OSError as e:
+    print("error", e)
+"""])
+            assert udp.stdout.decode().strip() in ("refused", "error [Errno 113] No route to host"), udp
+            assert switch.udp_nat.counters["policy-denied"] == 1
+            metadata = await guest.run([sys.executable, "-c", "import socket; s = socket.socket(); s.settimeout(3);"
+                                        "s.connect(('169.254.169.254', 80))"])
+            assert b"Connection refused" in metadata.stderr, metadata.stderr
+            assert switch.tcp_nat.counters["policy-denied"] == 1
+            redirected = await guest.run([sys.executable, "-c", f"import socket; socket.create_connection(('{HOST}', 7777), timeout=3); print('ok')"])
+            assert redirected.stdout.strip() == b"ok"
+            dig = await guest.run(["dig", "@192.168.65.1", "+short", "+time=2", "+tries=1", "pinned.test"])
+            assert dig.stdout.decode().strip() == "10.20.30.40"
+        listener.close()
+        assert policy.counters["icmp-denied"] == 1 and policy.counters["dns-redirect"] == 1
