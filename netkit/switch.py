@@ -5,10 +5,12 @@ Each attached link gets a reader task that takes frames in batches and feeds the
 that drains the link's queue. Frames for the gateway's MAC go to the gateway endpoint;
 broadcast and unknown unicast are flooded; known unicast goes to its port.
 
-Port security: a port may send only from the MAC(s) it first used (``max_macs_per_port``)
-and never from a MAC another port or the gateway owns; once that MAC holds a DHCP lease
-(or a reservation), IPv4 and ARP from it must carry the leased address (or 0.0.0.0 while
-it asks for one). Violations are dropped and counted, never raised.
+Port security: a port may send only from ``max_macs_per_port`` MACs, learned from what it
+sends (a MAC without an address may be replaced by a new one, so a guest can change its
+MAC before it leases), and never from a MAC another port or the gateway owns; once that
+MAC holds a DHCP lease (or a reservation), IPv4 and ARP from it must carry the leased
+address (or 0.0.0.0 while it asks for one). Violations are dropped and counted, never
+raised.
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ class Switch:
         self._ip_bindings: dict[bytes, bytes] = {}
         self.frames_in = 0
         self.frames_out = 0
+        self.macs_relearned = 0
         self.drops: collections.Counter[str] = collections.Counter()
         self.gateway: Gateway | None = None
         # Set by open_switch: the NAT handlers (netkit.nat.tcp/udp/icmp).
@@ -245,8 +248,16 @@ class Switch:
             self.drops["spoofed-mac"] += 1
             return False
         if len(port.macs) >= self.config.max_macs_per_port:
-            self.drops["spoofed-mac"] += 1
-            return False
+            # A guest may change its MAC (ip link set address) until that MAC holds an
+            # address: then the port is locked to it.
+            unbound = next((mac for mac in port.macs if mac not in self._ip_bindings), None)
+            if unbound is None:
+                self.drops["spoofed-mac"] += 1
+                return False
+            port.macs.discard(unbound)
+            if self._mac_table.get(unbound) is port:
+                del self._mac_table[unbound]
+            self.macs_relearned += 1
         port.macs.add(src)
         self._mac_table[src] = port
         log.debug("port %d learned %s", port.id, format_mac(src))
@@ -314,5 +325,6 @@ class Switch:
             "ports": len(self._ports),
             "frames_in": self.frames_in,
             "frames_out": self.frames_out,
+            "macs_relearned": self.macs_relearned,
             "drops": {k: v for k, v in self.drops.items() if v},
         }
