@@ -55,6 +55,8 @@ def add_switch_options(p: argparse.ArgumentParser) -> None:
                    help="comma-separated names for the gateway (default gateway.docker.internal,...)")
     g.add_argument("--vm-names", metavar="NAMES", help="comma-separated names that resolve to the asking guest")
     g.add_argument("--domain-search", metavar="DOMAINS", help="comma-separated DHCP search domains (option 119)")
+    g.add_argument("--state", metavar="FILE", dest="state_file",
+                   help="keep DHCP leases in FILE across restarts (written atomically)")
     g = p.add_argument_group("outbound policy")
     g.add_argument("--allow", action="append", default=[], metavar="[PROTO:]CIDR[:PORTS]",
                    help="only these destinations may be reached (repeatable); also lifts the default "
@@ -78,7 +80,7 @@ def add_switch_options(p: argparse.ArgumentParser) -> None:
 
 
 #: Config settings whose command-line flag has another name.
-_FLAG_FOR_SETTING = {"dns_upstreams": "dns-upstream", "dns_hosts_file": "hosts", "forwards": "forward",
+_FLAG_FOR_SETTING = {"state_file": "state", "dns_upstreams": "dns-upstream", "dns_hosts_file": "hosts", "forwards": "forward",
                      "host_loopback": "no-host-loopback"}
 
 
@@ -90,7 +92,7 @@ def build_config(args: argparse.Namespace) -> Config:
     overrides: dict[str, object] = {}
     for flag in ("subnet", "gateway_ip", "host_ip", "lowest_ip", "highest_ip", "mtu", "log_level",
                  "max_connections", "max_connections_per_guest", "tcp_connect_timeout", "udp_idle_timeout",
-                 "udp_max_flows"):
+                 "udp_max_flows", "state_file"):
         value = getattr(args, flag, None)
         if value is not None:
             overrides[flag] = value
@@ -157,6 +159,14 @@ def switch_parser() -> argparse.ArgumentParser:
     g.add_argument("--listen-vsock", action="append", default=[], type=int, metavar="PORT",
                    help="AF_VSOCK port speaking the vpnkit protocol")
     g.add_argument("--stdio", action="store_true", help="one guest on stdin/stdout (u16 LE framing)")
+    from .api.paths import DEFAULT_PATH_HELP, default_api_path
+    g = p.add_argument_group("control")
+    g.add_argument("--api", nargs="?", const=default_api_path(), default=None, metavar="PATH",
+                   help="serve the control API (HTTP+JSON, gvproxy-compatible forwarder routes) on a unix socket "
+                        f"created mode 0600; without PATH: {DEFAULT_PATH_HELP}")
+    g.add_argument("--api-token", metavar="TOKEN", default=None,
+                   help="require 'Authorization: Bearer TOKEN' on API requests (default: $NETKIT_API_TOKEN, "
+                        "if set)")
     return p
 
 
@@ -239,15 +249,25 @@ def _open_pcap(path: str | None):
 
 
 async def _run_switch(args: argparse.Namespace, config: Config) -> None:
+    from .api.server import ApiServerError, open_api
     from .forward import ForwardError
 
     pcap_file = _open_pcap(args.pcap)
     try:
         async with open_switch(config) as switch:
             await _open_link_sources(switch, args, pcap_file)
-            log.info("netkit switch up: gateway %s, host %s, subnet %s", config.gateway_ip, config.host_ip,
-                     config.subnet)
-            await _wait_for_signal()
+            try:
+                api = open_api(switch, args.api, token=args.api_token or os.environ.get("NETKIT_API_TOKEN"))
+                await api.__aenter__()  # creates the socket now: errors name --api
+            except ApiServerError as e:
+                raise UsageError(f"--api: {e}") from None
+            try:
+                log.info("netkit switch up: gateway %s, host %s, subnet %s", config.gateway_ip, config.host_ip,
+                         config.subnet)
+                await _wait_for_signal()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await api.__aexit__(None, None, None)
     except ForwardError as e:
         raise UsageError(f"--forward: {e}") from None
     finally:
@@ -340,6 +360,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="subcommand", required=True)
     rp = run_parser(sub)
     vp = vm_parser(sub)
+    from .api.cli import API_COMMANDS, api_main, api_parsers
+    api_parsers(sub)
     args = parser.parse_args(argv)
     if args.subcommand == "run":
         command = list(args.command)
@@ -363,6 +385,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.subcommand == "vm":
         from .vm import vm_main
         return vm_main(args, vp)
+    elif args.subcommand in API_COMMANDS:
+        return api_main(args)
     return 2
 
 

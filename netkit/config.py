@@ -175,6 +175,10 @@ class Config:
     #: ``unix:PATH:GUEST_IP:GUEST_PORT`` (see netkit.forward).
     forwards: tuple[str, ...] = ()
 
+    # --- persistence ---
+    #: Where DHCP leases are kept across restarts (None: not kept). See netkit.state.
+    state_file: str | None = None
+
     # --- misc ---
     log_level: str = "info"
 

@@ -63,6 +63,8 @@ class Gateway:
         self.host_ip = config.host_ip.packed
         self.subnet_broadcast = config.subnet.broadcast_address.packed
         self.leases = LeaseTable(config)
+        #: Called after anything that may have changed the lease table (state file writer).
+        self.lease_listeners: list[Callable[[], None]] = []
         self.reassembler = Reassembler(max_bytes=config.reassembly_max_bytes, timeout=config.reassembly_timeout)
         self.dhcp = DhcpServer(config, self.leases)
         #: Addresses the gateway answers ARP for: its own, the host alias, and NAT'd IPs in the subnet.
@@ -229,6 +231,7 @@ class Gateway:
             return
         reply = self.dhcp.handle_untrusted(udp.payload, src_mac=src_mac, now=now)
         self._sync_binding(src_mac)
+        self._leases_changed()
         if reply is None:
             return
         frame = udp_frame(reply.dst_mac, self.mac, self.ip, reply.dst_ip.packed, DHCP_SERVER_PORT,
@@ -248,7 +251,19 @@ class Gateway:
         """Bind an address to ``mac`` without a DHCP exchange (static guest config)."""
         lease = self.leases.reserve(mac, self.clock(), ip=ip, uuid=uuid)
         self._sync_binding(mac)
+        self._leases_changed()
         return lease
+
+    def use_lease_table(self, table: LeaseTable) -> None:
+        """Adopt a restored lease table (from the state file) and its bindings."""
+        self.leases = table
+        self.dhcp = DhcpServer(self.config, table)
+        for lease in table.leases():
+            self._sync_binding(lease.mac)
+
+    def _leases_changed(self) -> None:
+        for listener in self.lease_listeners:
+            listener()
 
     def allocate_for_uuid(self, uuid: str, preferred_ip: IPv4Address | None) -> bytes:
         """The MAC for a vpnkit client: derived from its UUID, so a reconnect (even after
@@ -267,9 +282,12 @@ class Gateway:
         return mac
 
     def expire_leases(self) -> None:
-        for lease in self.leases.expire(self.clock()):
+        expired = self.leases.expire(self.clock())
+        for lease in expired:
             log.info("lease expired: %s %s", format_mac(lease.mac), lease.ip)
             self._sync_binding(lease.mac)
+        if expired:
+            self._leases_changed()
 
     def _forget_port(self, port: "Port") -> None:
         for ip, mac in list(self.neighbors.items()):

@@ -16,6 +16,7 @@ from .nat.host import HostNetwork
 from .nat.icmp import IcmpNat
 from .nat.tcp import TcpNat
 from .nat.udp import UdpNat
+from .state import LeaseStateWriter, load_leases
 from .switch import Switch
 
 __all__ = ["open_switch", "LEASE_EXPIRY_INTERVAL"]
@@ -60,6 +61,17 @@ def _start_dns(config: Config, switch: Switch, nursery: trio.Nursery) -> DnsServ
     return dns
 
 
+def _keep_lease_state(config: Config, gateway: Gateway, nursery: trio.Nursery) -> None:
+    restored = load_leases(config.state_file, config, trio.current_time())
+    if restored is not None:
+        gateway.use_lease_table(restored)
+        log.info("restored %d leases from %s", len(restored.leases()), config.state_file)
+    writer = LeaseStateWriter(config.state_file, gateway.leases)
+    gateway.lease_listeners.append(writer.mark_dirty)
+    writer.mark_dirty()
+    nursery.start_soon(writer.run, name="lease-state")
+
+
 @asynccontextmanager
 async def open_switch(config: Config | None = None, *, host: HostNetwork | None = None) -> AsyncIterator[Switch]:
     """Run a switch with its gateway for the duration of the ``async with`` block.
@@ -79,6 +91,8 @@ async def open_switch(config: Config | None = None, *, host: HostNetwork | None 
             switch.icmp_nat = IcmpNat(config, gateway, nursery, host)
             switch.forwarder = PortForwarder(switch, nursery)
             switch.dns = _start_dns(config, switch, nursery)
+            if config.state_file:
+                _keep_lease_state(config, gateway, nursery)
             try:
                 for spec in config.forwards:
                     switch.forwarder.add(*parse_forward_spec(spec))
