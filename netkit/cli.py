@@ -159,6 +159,8 @@ def switch_parser() -> argparse.ArgumentParser:
     g.add_argument("--listen-vsock", action="append", default=[], type=int, metavar="PORT",
                    help="AF_VSOCK port speaking the vpnkit protocol")
     g.add_argument("--stdio", action="store_true", help="one guest on stdin/stdout (u16 LE framing)")
+    g.add_argument("--user", metavar="NAME",
+                   help="after creating taps and listeners as root, continue as this user")
     from .api.paths import DEFAULT_PATH_HELP, default_api_path
     g = p.add_argument_group("control")
     g.add_argument("--api", nargs="?", const=default_api_path(), default=None, metavar="PATH",
@@ -229,6 +231,25 @@ class _WrappingListener:
         await self.listener.serve(wrapped, task_status=task_status)
 
 
+def _drop_privileges(user: str, owned_paths: list[str]) -> None:
+    """Become ``user`` (and its group, with no supplementary groups) for good."""
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise UsageError(f"--user: no such user {user!r}") from None
+    for path in owned_paths:  # files the switch keeps writing must stay writable
+        try:
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+        except FileNotFoundError:
+            pass
+    os.setgroups([])
+    os.setgid(entry.pw_gid)
+    os.setuid(entry.pw_uid)
+    log.info("dropped privileges: running as %s (uid %d)", user, entry.pw_uid)
+
+
 async def _wait_for_signal() -> int:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
@@ -249,25 +270,26 @@ def _open_pcap(path: str | None):
 
 
 async def _run_switch(args: argparse.Namespace, config: Config) -> None:
+    from contextlib import AsyncExitStack
+
     from .api.server import ApiServerError, open_api
     from .forward import ForwardError
 
     pcap_file = _open_pcap(args.pcap)
     try:
-        async with open_switch(config) as switch:
+        async with open_switch(config) as switch, AsyncExitStack() as control:
             await _open_link_sources(switch, args, pcap_file)
-            try:
-                api = open_api(switch, args.api, token=args.api_token or os.environ.get("NETKIT_API_TOKEN"))
-                await api.__aenter__()  # creates the socket now: errors name --api
+            try:  # the control API (nothing without --api); the socket is made here
+                await control.enter_async_context(
+                    open_api(switch, args.api, token=args.api_token or os.environ.get("NETKIT_API_TOKEN")))
             except ApiServerError as e:
                 raise UsageError(f"--api: {e}") from None
-            try:
-                log.info("netkit switch up: gateway %s, host %s, subnet %s", config.gateway_ip, config.host_ip,
-                         config.subnet)
-                await _wait_for_signal()
-            finally:
-                with trio.CancelScope(shield=True):
-                    await api.__aexit__(None, None, None)
+            if args.user:
+                switch.icmp_nat.prepare()  # a raw ICMP socket needs root: open it first
+                _drop_privileges(args.user, [path for path in (config.state_file,) if path])
+            log.info("netkit switch up: gateway %s, host %s, subnet %s", config.gateway_ip, config.host_ip,
+                     config.subnet)
+            await _wait_for_signal()
     except ForwardError as e:
         raise UsageError(f"--forward: {e}") from None
     finally:
@@ -288,6 +310,8 @@ def switch_main(argv: Sequence[str] | None = None) -> int:
                      "--listen-vsock or --stdio")
     if args.netns and not args.tap:
         parser.error("--netns: only applies to --tap devices")
+    if args.user and os.geteuid() != 0:
+        parser.error("--user: only root can switch to another user")
     _setup_logging(config.log_level)
     try:
         trio.run(_run_switch, args, config)

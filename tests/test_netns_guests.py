@@ -134,3 +134,31 @@ def test_netkit_run_configures_guest_and_propagates_status():
 def _netns_names() -> set[str]:
     listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     return {line.split()[0] for line in listing.splitlines() if line.strip()}
+
+
+def test_daemon_drops_privileges_after_setup(tmp_path):
+    import pwd
+
+    user = "nobody"
+    uid = pwd.getpwnam(user).pw_uid
+    netkit_switch = os.path.join(os.path.dirname(sys.executable), "netkit-switch")
+    ns = Netns.create(unique_name("nku"))
+    tap = unique_name("nkt")
+    proc = subprocess.Popen([netkit_switch, "--tap", tap, "--netns", ns.name, "--user", user,
+                             "--dns-upstream", "127.0.0.1:9"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        def uid_now():
+            with open(f"/proc/{proc.pid}/status") as f:
+                return next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
+        assert _wait_for(lambda: uid_now() == uid), "did not become nobody"
+        lease = trio.run(lambda: udhcpc(ns, tap))
+        assert lease["router"] == "192.168.65.1"
+        assert ns.run(["ping", "-c", "1", "-W", "2", "192.168.65.2"]).returncode == 0  # raw ICMP opened before
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        ns.delete()

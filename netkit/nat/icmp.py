@@ -157,6 +157,11 @@ class IcmpNat:
         self._expiry.schedule(flow, now + self.config.icmp_idle_timeout)
         return flow
 
+    def prepare(self) -> None:
+        """Open the echo socket now (before a process drops root, which may forbid it)."""
+        if self._mode is None:
+            self._choose_mode()
+
     def _choose_mode(self) -> None:
         try:
             sock, raw = self.host.icmp_echo_socket()
