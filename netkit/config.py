@@ -100,6 +100,12 @@ class Config:
 
     # --- TCP NAT ---
     tcp_connect_timeout: float = 15.0
+    #: Once the guest has closed its side (FIN passed on to the host), how long the host
+    #: side may stay silent and open before both are reset. A guest that closed and went
+    #: away can never say so, and a host peer that never closes would otherwise hold the
+    #: flow forever (vpnkit's sockets stuck in CLOSE_WAIT). Open connections are never
+    #: timed out, however idle.
+    tcp_half_close_timeout: float = 300.0
     max_connections: int = 65536
     max_connections_per_guest: int = 16384
 
@@ -239,7 +245,8 @@ class Config:
                      "reassembly_max_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1")
-        for name in ("tcp_connect_timeout", "udp_idle_timeout", "icmp_idle_timeout", "reassembly_timeout"):
+        for name in ("tcp_connect_timeout", "tcp_half_close_timeout", "udp_idle_timeout", "icmp_idle_timeout",
+                     "reassembly_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive")
         self._validate_shares()
@@ -415,7 +422,8 @@ def _coerce(name: str, value: Any) -> Any:
                     "max_connections", "max_connections_per_guest", "udp_max_flows", "icmp_max_flows",
                     "reassembly_max_bytes"):
             return int(value)
-        if name in ("tcp_connect_timeout", "offer_seconds", "decline_seconds", "udp_idle_timeout",
+        if name in ("tcp_connect_timeout", "tcp_half_close_timeout", "offer_seconds", "decline_seconds",
+                    "udp_idle_timeout",
                     "icmp_idle_timeout", "reassembly_timeout"):
             return float(value)
         if name in ("host_loopback",):

@@ -56,6 +56,9 @@ def http_server(tmp_path):
 
 
 def _fd_count() -> int:
+    import gc
+
+    gc.collect()  # sockets an earlier test dropped must not be counted against this one
     return len(os.listdir("/proc/self/fd"))
 
 
@@ -85,7 +88,7 @@ async def test_curl_fetch_and_refused_port(netkit_switch, netns_guest, http_serv
     assert trio.current_time() - start < 3
     assert netkit_switch.tcp_nat.counters["connect-refused"] == 1
     await _wait_flows_gone(netkit_switch)
-    assert _fd_count() == fds
+    assert _fd_count() <= fds
 
 
 @pytest.mark.parametrize("offload", [False, True], ids=["plain", "offload"])
@@ -99,7 +102,7 @@ async def test_256mb_each_way(netkit_switch, host_server, offload):
         down = await _client(guest, "download", HOST, port, 256 * MB, 2)
         assert down["got"] == down["expected"] and int(down["bytes"]) == 256 * MB
     await _wait_flows_gone(netkit_switch)
-    assert _fd_count() == fds
+    assert _fd_count() <= fds
 
 
 async def test_exact_bytes_over_lossy_link(netkit_switch, host_server):
@@ -156,7 +159,7 @@ async def test_1000_concurrent_connections(netkit_switch, netns_guest, host_serv
     assert many["ok"] == "1000", many
     assert netkit_switch.tcp_nat.counters["connections-opened"] == 1000
     await _wait_flows_gone(netkit_switch)
-    assert _fd_count() == fds
+    assert _fd_count() <= fds
 
 
 @pytest.mark.parametrize("offload", [False, True], ids=["plain", "offload"])

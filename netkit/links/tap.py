@@ -56,6 +56,11 @@ _TUN_F_TSO6 = 0x04
 _SIOCGIFFLAGS = 0x8913
 _SIOCSIFFLAGS = 0x8914
 _SIOCSIFMTU = 0x8922
+_SIOCSIFTXQLEN = 0x8943
+#: The guest's transmit queue towards netkit. The kernel default (1000 frames) overflows
+#: when a guest bursts thousands of SYNs (a port scan, a connection storm) faster than a
+#: userspace reader drains it; lost SYNs then wait a second for the guest's retry.
+TAP_TX_QUEUE_LEN = 10000
 _IFF_UP = 0x1
 _IFNAMSIZ = 16
 _CLONE_NEWNET = 0x40000000
@@ -160,6 +165,7 @@ def _configure_interface(name: str, mtu: int) -> None:
     """Set the MTU and bring the interface up (in the current thread's namespace)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as ctl:
         fcntl.ioctl(ctl, _SIOCSIFMTU, struct.pack("16si20x", name.encode(), mtu))
+        fcntl.ioctl(ctl, _SIOCSIFTXQLEN, struct.pack("16si20x", name.encode(), TAP_TX_QUEUE_LEN))
         current = fcntl.ioctl(ctl, _SIOCGIFFLAGS, _ifreq(name))
         flags = struct.unpack_from("16sH", current)[1]
         fcntl.ioctl(ctl, _SIOCSIFFLAGS, _ifreq(name, flags | _IFF_UP))

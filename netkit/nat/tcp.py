@@ -86,6 +86,8 @@ class TcpFlow:
     bytes_to_guest: int = 0
     #: Set when the guest's FIN has been passed on (host socket write side shut).
     host_write_shut: bool = False
+    #: Last time the host side sent anything (for the half-close timeout).
+    host_active: float = 0.0
     #: For connections to a service on the gateway: the stream the service reads.
     stream: EngineStream | None = None
     closed: bool = False
@@ -139,6 +141,7 @@ class TcpNat:
         self.counters: dict[str, int] = {}
         self._dirty: dict[TcpFlow, None] = {}
         self._timers: TimerHeap[TcpFlow] = TimerHeap()
+        self._half_closed: TimerHeap[TcpFlow] = TimerHeap()
         self._options_cache: tuple[object, bytes] = (None, b"")
         #: Gateway port -> ``async handler(stream, (guest_ip, guest_port))`` for services.
         self.services: dict[int, object] = {}
@@ -148,6 +151,7 @@ class TcpNat:
         gateway.switch.on_batch_done(self.flush)
         gateway.switch.on_detach(self._port_detached)
         nursery.start_soon(self._timers.run, self._fire_timer, name="tcp-timers")
+        nursery.start_soon(self._half_closed.run, self._half_close_expired, name="tcp-half-close")
 
     def register_service(self, port: int, handler) -> None:
         """Serve guest connections to the gateway's ``port`` with ``await handler(stream,
@@ -288,6 +292,8 @@ class TcpNat:
                 return
         if conn.peer_finished and not conn.received_size and not flow.host_write_shut and flow.sock is not None:
             flow.host_write_shut = True
+            flow.host_active = now
+            self._half_closed.schedule(flow, now + self.config.tcp_half_close_timeout)
             try:
                 flow.sock.shutdown(socket.SHUT_WR)
             except OSError:
@@ -349,6 +355,18 @@ class TcpNat:
         self._options_cache = (cache_key, cache_bytes)
 
     # ------------------------------------------------------------------ timers
+    def _half_close_expired(self, flow: TcpFlow, now: float) -> None:
+        if flow.closed or flow.conn.is_closed:
+            return
+        quiet_until = flow.host_active + self.config.tcp_half_close_timeout
+        if quiet_until > now:
+            self._half_closed.schedule(flow, quiet_until)
+            return
+        self._count("half-close-timeouts")
+        self._abort_host(flow)
+        flow.conn.abort(now)
+        self._service(flow, now)
+
     def _fire_timer(self, flow: TcpFlow, now: float) -> None:
         if flow.closed:
             return
@@ -490,6 +508,7 @@ class TcpNat:
                 conn.shutdown(now)  # host EOF -> FIN after the buffered data
                 self._service(flow, now)
                 return
+            flow.host_active = now
             conn.send(data, now)
             self._service(flow, now)
 
@@ -530,6 +549,7 @@ class TcpNat:
             self.per_guest.pop(flow.guest_ip, None)
         self._dirty.pop(flow, None)
         self._timers.cancel(flow)
+        self._half_closed.cancel(flow)
         if flow.stream is not None:
             flow.stream.notify([])
         flow.cancel_scope.cancel()
