@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
@@ -10,6 +11,8 @@ import trio
 
 from .config import Config
 from .dns.server import DnsService
+from .files import serve_9p
+from .ntp import SntpServer
 from .forward import PortForwarder, parse_forward_spec
 from .gateway import Gateway
 from .nat.host import HostNetwork
@@ -24,6 +27,8 @@ __all__ = ["open_switch", "LEASE_EXPIRY_INTERVAL"]
 log = logging.getLogger("netkit")
 
 DNS_PORT = 53
+SNTP_PORT = 123
+NINEP_PORT = 564
 
 #: How often expired DHCP leases are swept (seconds).
 LEASE_EXPIRY_INTERVAL = 10.0
@@ -61,6 +66,30 @@ def _start_dns(config: Config, switch: Switch, nursery: trio.Nursery) -> DnsServ
     return dns
 
 
+def _start_sntp(switch: Switch) -> SntpServer:
+    """SNTP on the gateway, UDP port 123, answering from the host clock (DHCP option 42
+    points guests here)."""
+    sntp = SntpServer()
+
+    def datagram(payload, client, reply) -> None:
+        answer = sntp.handle_untrusted(bytes(payload), received_at=time.time())
+        if answer is not None:
+            reply(answer)
+
+    switch.gateway.register_udp_service(SNTP_PORT, datagram)
+    return sntp
+
+
+def _start_9p(config: Config, switch: Switch) -> None:
+    """The 9P2000.L file service on the gateway, TCP port 564, for ``config.shares``."""
+    shares = config.shares_by_name()
+
+    async def serve(stream, client) -> None:
+        await serve_9p(stream, shares)
+
+    switch.tcp_nat.register_service(NINEP_PORT, serve)
+
+
 def _keep_lease_state(config: Config, gateway: Gateway, nursery: trio.Nursery) -> None:
     restored = load_leases(config.state_file, config, trio.current_time())
     if restored is not None:
@@ -91,6 +120,9 @@ async def open_switch(config: Config | None = None, *, host: HostNetwork | None 
             switch.icmp_nat = IcmpNat(config, gateway, nursery, host)
             switch.forwarder = PortForwarder(switch, nursery)
             switch.dns = _start_dns(config, switch, nursery)
+            switch.sntp = _start_sntp(switch)
+            if config.shares:
+                _start_9p(config, switch)
             if config.state_file:
                 _keep_lease_state(config, gateway, nursery)
             try:

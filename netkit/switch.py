@@ -99,6 +99,8 @@ class Switch:
         self.icmp_nat = None
         self.forwarder = None  # netkit.forward.PortForwarder
         self.dns = None  # netkit.dns.server.DnsService
+        self.sntp = None  # netkit.ntp.SntpServer
+        self.http_proxy = None  # netkit.http_proxy.HttpProxy
         self._detach_hooks: list[Callable[[Port], None]] = []
         self._batch_hooks: list[Callable[[], None]] = []
         self._capture = None

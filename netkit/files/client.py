@@ -13,7 +13,7 @@ from typing import Any
 
 import trio
 
-from .protocol import HEADER, NAMES, NOFID, NOTAG, NUMBERS, decode, decode_dirents, encode
+from .protocol import HEADER, NAMES, NOFID, NOTAG, decode, decode_dirents, encode
 
 __all__ = ["Client9P", "RemoteError"]
 

@@ -345,6 +345,8 @@ def setattr(root_fd: int, path: Path, open_fd: int | None, valid: int, mode: int
             else:
                 os.chown(_proc(obj), new_uid, new_gid)
         if valid & SETATTR_SIZE:
+            if size >= 1 << 63:
+                raise _err(errno.EFBIG)
             if stat.S_ISDIR(st.st_mode):
                 raise _err(errno.EISDIR)
             if not stat.S_ISREG(st.st_mode):
@@ -367,6 +369,8 @@ def setattr(root_fd: int, path: Path, open_fd: int | None, valid: int, mode: int
                     return current
                 if valid & set_bit:
                     sec, nsec = given
+                    if sec >= 1 << 63:  # the wire's u64 holds a signed time64_t
+                        sec -= 1 << 64
                     if nsec >= 1_000_000_000:
                         raise _err(errno.EINVAL)
                     return sec * 1_000_000_000 + nsec

@@ -37,7 +37,7 @@ import os
 import stat as statmod
 import struct
 import sys
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -55,6 +55,8 @@ log = logging.getLogger("netkit.files")
 DEFAULT_MSIZE_MAX = 1024 * 1024  # Linux's TCP transport accepts up to 1 MiB
 DEFAULT_MAX_FIDS = 4096
 DEFAULT_MAX_OUTSTANDING = 32
+#: Directory entries kept in readdir snapshots per connection (~100 bytes each).
+DEFAULT_MAX_SNAPSHOT_ENTRIES = 200_000
 MIN_MSIZE = 4096
 VERSION = "9P2000.L"
 
@@ -64,10 +66,7 @@ _GETATTR_BASIC = 0x7FF
 _V9FS_MAGIC = 0x01021997
 _LOCK_SUCCESS = 0
 _LOCK_TYPE_UNLCK = 2
-
-# Writes refused on read-only shares (EROFS).
-_WRITES = {_T[n] for n in ("Tlcreate", "Tsymlink", "Tmknod", "Trename", "Tsetattr", "Txattrcreate",
-                           "Tlink", "Tmkdir", "Trenameat", "Tunlinkat", "Tremove", "Twrite")}
+_MAX_OFFSET = 1 << 63  # off_t is signed
 
 
 # 9P2000.L carries Linux errno numbers; other hosts translate by name.
@@ -100,10 +99,10 @@ class _Error(Exception):
 class _Root:
     """A share as opened by one connection: its root descriptor and flags."""
 
-    __slots__ = ("share", "fd", "dev", "refs")
+    __slots__ = ("share", "fd")
 
-    def __init__(self, share: Share, fd: int, dev: int) -> None:
-        self.share, self.fd, self.dev, self.refs = share, fd, dev, 0
+    def __init__(self, share: Share, fd: int) -> None:
+        self.share, self.fd = share, fd
 
 
 class _Fid:
@@ -123,7 +122,7 @@ class _Fid:
 
 class _Connection:
     def __init__(self, stream: trio.abc.Stream, shares: Mapping[str, Share], msize_max: int,
-                 max_fids: int, max_outstanding: int, stats: Counter) -> None:
+                 max_fids: int, max_outstanding: int, stats: Counter, max_snapshot_entries: int) -> None:
         self.stream = stream
         self.shares = shares
         self.msize_max = msize_max
@@ -134,6 +133,9 @@ class _Connection:
         self.roots: dict[str, _Root] = {}
         self.inflight: dict[int, trio.Event] = {}
         self.flushes: set[trio.Event] = set()
+        self.snapshots: OrderedDict[_Fid, int] = OrderedDict()
+        self.snapshot_entries = 0
+        self.max_snapshot_entries = max_snapshot_entries
         self.slots = trio.Semaphore(max_outstanding)
         self.limiter = trio.CapacityLimiter(max_outstanding)
         self.send_lock = trio.Lock()
@@ -157,6 +159,7 @@ class _Connection:
 
     async def run(self) -> None:
         buf = bytearray()
+        self._start = 0
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             while not self.broken:
@@ -190,20 +193,27 @@ class _Connection:
                 nursery.cancel_scope.cancel()
 
     async def _next_frame(self, buf: bytearray) -> tuple[int, int, bytes] | None:
+        """The next ``(type, tag, body)``; ``None`` at EOF or on a bad frame size.
+        ``buf`` holds received bytes from ``self._start`` on (compacted lazily, so a
+        burst of small pipelined requests is not copied once per request)."""
         while True:
-            if len(buf) >= 4:
-                size = int.from_bytes(buf[:4], "little")
+            avail = len(buf) - self._start
+            if avail >= 4:
+                size = int.from_bytes(buf[self._start:self._start + 4], "little")
                 if size < HEADER.size or size > self.msize:
                     self.stats["protocol_error"] += 1
                     log.warning("9p: frame size %d outside 7..%d; closing", size, self.msize)
                     return None
-                if len(buf) >= size:
-                    _, mtype, tag = HEADER.unpack_from(buf)
-                    body = bytes(buf[HEADER.size:size])
-                    del buf[:size]
+                if avail >= size:
+                    _, mtype, tag = HEADER.unpack_from(buf, self._start)
+                    body = bytes(buf[self._start + HEADER.size:self._start + size])
+                    self._start += size
                     return mtype, tag, body
+            if self._start:
+                del buf[:self._start]
+                self._start = 0
             try:
-                data = await self.stream.receive_some(max(65536, self.msize if len(buf) >= 4 else 0))
+                data = await self.stream.receive_some(65536)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return None
             if not data:
@@ -321,16 +331,32 @@ class _Connection:
     def _add_fid(self, fid_no: int, fid: _Fid) -> None:
         self._new_fid_ok(fid_no)
         self.fids[fid_no] = fid
-        fid.root.refs += 1
 
     def _drop_fid(self, fid_no: int) -> None:
         fid = self.fids.pop(fid_no, None)
         if fid is None:
             return
         fid.clunked = True
-        fid.root.refs -= 1
+        self._forget_snapshot(fid)
         if fid.users == 0:
             self._close_fd(fid)
+
+    def _keep_snapshot(self, fid: _Fid, entries: list) -> None:
+        """Directory snapshots are kept per fid (readdir offsets index into them), within
+        a per-connection budget of entries: the least recently read are dropped first
+        (a later Treaddir on one simply lists the directory again)."""
+        self._forget_snapshot(fid)
+        fid.dirents = entries
+        self.snapshots[fid] = len(entries)
+        self.snapshot_entries += len(entries)
+        while self.snapshot_entries > self.max_snapshot_entries and len(self.snapshots) > 1:
+            self._forget_snapshot(next(iter(self.snapshots)))
+
+    def _forget_snapshot(self, fid: _Fid) -> None:
+        n = self.snapshots.pop(fid, None)
+        if n is not None:
+            self.snapshot_entries -= n
+        fid.dirents = None
 
     @staticmethod
     def _close_fd(fid: _Fid) -> None:
@@ -407,7 +433,7 @@ class _Connection:
             fd, st = await self._thread(_open_root, share.path)
             root = self.roots.get(share.name)
             if root is None:
-                root = self.roots[share.name] = _Root(share, fd, st.st_dev)
+                root = self.roots[share.name] = _Root(share, fd)
                 self.devs.setdefault(st.st_dev, len(self.devs))
             else:
                 os.close(fd)  # another attach opened it meanwhile
@@ -531,6 +557,8 @@ class _Connection:
     async def read(self, f: dict) -> tuple[bytes, bytes]:
         fid = self._fid(f["fid"])
         count = min(f["count"], self.msize - 11)
+        if f["offset"] >= _MAX_OFFSET:
+            raise _Error(errno.EINVAL)
         if fid.xattr is not None:
             data = fid.xattr[f["offset"]:f["offset"] + count]
         elif fid.fd is None:
@@ -548,6 +576,8 @@ class _Connection:
         if fid.fd is None or fid.xattr is not None:
             raise _Error(errno.EBADF)
         data = f["data"]
+        if f["offset"] >= _MAX_OFFSET:
+            raise _Error(errno.EINVAL)
         with self._use(fid):
             n = await self._thread(_pwrite_all, fid.fd, data, f["offset"])
         return n.to_bytes(4, "little")
@@ -559,8 +589,12 @@ class _Connection:
         offset, count = f["offset"], min(f["count"], self.msize - 11)
         with self._use(fid):
             if offset == 0 or fid.dirents is None:
-                fid.dirents = await self._thread(hostfs.read_dir, fid.fd, not fid.path)
-        entries = fid.dirents
+                entries = await self._thread(hostfs.read_dir, fid.fd, not fid.path)
+                if not fid.clunked:
+                    self._keep_snapshot(fid, entries)
+            else:
+                entries = fid.dirents
+                self.snapshots.move_to_end(fid)
         out: list[bytes] = []
         used = 0
         for index in range(min(offset, len(entries)), len(entries)):
@@ -749,6 +783,7 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> int:
 async def serve_9p(stream: trio.abc.Stream, shares: Mapping[str, Share], *,
                    msize_max: int = DEFAULT_MSIZE_MAX, max_fids: int = DEFAULT_MAX_FIDS,
                    max_outstanding: int = DEFAULT_MAX_OUTSTANDING,
+                   max_snapshot_entries: int = DEFAULT_MAX_SNAPSHOT_ENTRIES,
                    stats: Counter | None = None) -> None:
     """Serve one 9P2000.L client on ``stream`` until it closes; ``shares`` maps the
     attach name (``aname``) to a :class:`Share`. ``stats`` (optional) accumulates
@@ -756,7 +791,7 @@ async def serve_9p(stream: trio.abc.Stream, shares: Mapping[str, Share], *,
     if msize_max < MIN_MSIZE:
         raise ValueError(f"msize_max must be at least {MIN_MSIZE}")
     conn = _Connection(stream, shares, msize_max, max_fids, max_outstanding,
-                       stats if stats is not None else Counter())
+                       stats if stats is not None else Counter(), max_snapshot_entries)
     try:
         await conn.run()
     finally:
