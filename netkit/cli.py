@@ -57,6 +57,13 @@ def add_switch_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--domain-search", metavar="DOMAINS", help="comma-separated DHCP search domains (option 119)")
     g.add_argument("--state", metavar="FILE", dest="state_file",
                    help="keep DHCP leases in FILE across restarts (written atomically)")
+    g = p.add_argument_group("HTTP proxy (on the gateway, like http.docker.internal:3128)")
+    g.add_argument("--http", metavar="FILE", dest="http_proxy_file",
+                   help="vpnkit-style JSON proxy settings (http, https, exclude, transparent_http_ports, "
+                        "transparent_https_ports), reloaded when the file changes; default: the "
+                        "HTTP_PROXY/HTTPS_PROXY/NO_PROXY environment")
+    g.add_argument("--http-proxy-port", type=int, metavar="PORT",
+                   help="gateway port of the explicit proxy (default 3128; 0 turns it off)")
     g = p.add_argument_group("outbound policy")
     g.add_argument("--allow", action="append", default=[], metavar="[PROTO:]CIDR[:PORTS]",
                    help="only these destinations may be reached (repeatable); also lifts the default "
@@ -80,7 +87,7 @@ def add_switch_options(p: argparse.ArgumentParser) -> None:
 
 
 #: Config settings whose command-line flag has another name.
-_FLAG_FOR_SETTING = {"state_file": "state", "dns_upstreams": "dns-upstream", "dns_hosts_file": "hosts", "forwards": "forward",
+_FLAG_FOR_SETTING = {"state_file": "state", "http_proxy_file": "http", "dns_upstreams": "dns-upstream", "dns_hosts_file": "hosts", "forwards": "forward",
                      "host_loopback": "no-host-loopback"}
 
 
@@ -92,7 +99,7 @@ def build_config(args: argparse.Namespace) -> Config:
     overrides: dict[str, object] = {}
     for flag in ("subnet", "gateway_ip", "host_ip", "lowest_ip", "highest_ip", "mtu", "log_level",
                  "max_connections", "max_connections_per_guest", "tcp_connect_timeout", "udp_idle_timeout",
-                 "udp_max_flows", "state_file"):
+                 "udp_max_flows", "state_file", "http_proxy_file", "http_proxy_port"):
         value = getattr(args, flag, None)
         if value is not None:
             overrides[flag] = value

@@ -181,6 +181,13 @@ class Config:
     #: ``unix:PATH:GUEST_IP:GUEST_PORT`` (see netkit.forward).
     forwards: tuple[str, ...] = ()
 
+    # --- HTTP proxy (netkit.http_proxy) on the gateway ---
+    #: Gateway port of the explicit proxy (http.docker.internal:3128); 0 turns it off.
+    http_proxy_port: int = 3128
+    #: vpnkit's ``--http`` JSON file (http, https, exclude, transparent_*_ports), watched
+    #: for changes. Without it, HTTP_PROXY/HTTPS_PROXY/NO_PROXY of the netkit process apply.
+    http_proxy_file: str | None = None
+
     # --- persistence ---
     #: Where DHCP leases are kept across restarts (None: not kept). See netkit.state.
     state_file: str | None = None
@@ -418,7 +425,7 @@ def _coerce(name: str, value: Any) -> Any:
                 mac = parse_mac(item["mac"]) if "mac" in item else None
                 out.append(StaticLease(ip=_ip("static_leases", item["ip"]), mac=mac, uuid=item.get("uuid")))
             return tuple(out)
-        if name in ("mtu", "lease_seconds", "max_ports", "max_macs_per_port", "link_send_queue_bytes",
+        if name in ("http_proxy_port", "mtu", "lease_seconds", "max_ports", "max_macs_per_port", "link_send_queue_bytes",
                     "max_connections", "max_connections_per_guest", "udp_max_flows", "icmp_max_flows",
                     "reassembly_max_bytes"):
             return int(value)

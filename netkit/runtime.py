@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import logging
+import os
 import time
+from ipaddress import IPv4Address
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
@@ -12,10 +16,11 @@ import trio
 from .config import Config
 from .dns.server import DnsService
 from .files import serve_9p
+from .http_proxy import HttpProxy, ProxySettings
 from .ntp import SntpServer
 from .forward import PortForwarder, parse_forward_spec
 from .gateway import Gateway
-from .nat.host import HostNetwork
+from .nat.host import HostNetwork, translate_destination
 from .nat.icmp import IcmpNat
 from .nat.tcp import TcpNat
 from .nat.udp import UdpNat
@@ -90,6 +95,48 @@ def _start_9p(config: Config, switch: Switch) -> None:
     switch.tcp_nat.register_service(NINEP_PORT, serve)
 
 
+async def _start_http_proxy(config: Config, switch: Switch, nursery: trio.Nursery) -> HttpProxy:
+    """The HTTP proxy on the gateway (explicit on ``http_proxy_port``; transparent for
+    the ports its settings list). Names and addresses that mean the host reach the host's
+    loopback and never go through an upstream proxy."""
+    host_names = set(config.host_names) | {str(config.host_ip)}
+
+    async def connect(host: str, port: int) -> trio.abc.Stream:
+        target = host
+        if host.lower().rstrip(".") in host_names:
+            target = "127.0.0.1" if config.host_loopback else host
+        else:
+            try:
+                real = translate_destination(config, IPv4Address(host))
+            except ValueError:
+                real = IPv4Address(0)  # a name: the host's resolver finds it
+            if real is None:
+                raise OSError(errno.EHOSTUNREACH, f"{host} is not reachable from the proxy")
+            if real != IPv4Address(0):
+                target = str(real)
+        return await trio.open_tcp_stream(target, port)
+
+    settings = ProxySettings.from_environment(os.environ)
+    settings = dataclasses.replace(settings, direct=tuple(sorted(host_names)))
+    proxy = HttpProxy(settings, connect=connect)
+    if config.http_proxy_file:
+        await nursery.start(proxy.watch_file, config.http_proxy_file)
+    switch.tcp_nat.register_service(config.http_proxy_port, proxy.handle_client)
+
+    def intercept(destination: IPv4Address, port: int):
+        kind = proxy.settings.transparent_kind(port)
+        if kind is None:
+            return None
+
+        async def transparent(stream, client) -> None:
+            await proxy.handle_transparent(stream, client, (str(destination), port), kind == "https")
+
+        return transparent
+
+    switch.tcp_nat.intercept = intercept
+    return proxy
+
+
 def _keep_lease_state(config: Config, gateway: Gateway, nursery: trio.Nursery) -> None:
     restored = load_leases(config.state_file, config, trio.current_time())
     if restored is not None:
@@ -123,6 +170,8 @@ async def open_switch(config: Config | None = None, *, host: HostNetwork | None 
             switch.sntp = _start_sntp(switch)
             if config.shares:
                 _start_9p(config, switch)
+            if config.http_proxy_port:
+                switch.http_proxy = await _start_http_proxy(config, switch, nursery)
             if config.state_file:
                 _keep_lease_state(config, gateway, nursery)
             try:

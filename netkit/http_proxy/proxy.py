@@ -498,7 +498,7 @@ class HttpProxy:
         else:
             key = ("origin", target.host, target.port)
             out_target = target.path
-            label = target.authority if target.port != 80 else f"{target.host}:80"
+            label = _authority(target.host, target.port)
         request = h11.Request(method=req.method, target=out_target, headers=headers)
         retry_ok = not has_body and req.method in _IDEMPOTENT
         for attempt in (0, 1):
@@ -516,7 +516,11 @@ class HttpProxy:
                     return
                 origin = Peer(stream, h11.Connection(
                     h11.CLIENT, max_incomplete_event_size=settings.max_header_bytes))
-            ex = await self._exchange(cp, origin, request, has_body, settings, upstream, label)
+            try:
+                ex = await self._exchange(cp, origin, request, has_body, settings, upstream, label)
+            except BaseException:
+                await trio.aclose_forcefully(origin.stream)
+                raise
             conn = origin.conn
             if (ex.fail is None and not ex.abort and conn.our_state is h11.DONE
                     and conn.their_state is h11.DONE):
@@ -580,7 +584,10 @@ class HttpProxy:
                             response_scope.deadline,
                             trio.current_time() + settings.response_timeout)
                     return
-                ex.set_abort()
+                if isinstance(e, PeerTimeout):
+                    ex.set_fail(_Fail(408, "the request body stopped arriving"))
+                else:
+                    ex.set_abort()
                 cancel()
 
         async def relay_response(cancel) -> None:
@@ -769,7 +776,10 @@ class HttpProxy:
                     eof = True
                     break
                 buf += data
-                result = parse_client_hello_untrusted(buf)
+                if len(buf) >= result.need:
+                    result = parse_client_hello_untrusted(buf)
+        if not result.done:
+            result = parse_client_hello_untrusted(buf)
         self._count(f"sni_{result.status.value}")
         host = result.server_name if result.status is SniStatus.FOUND else dst[0]
         port = dst[1]

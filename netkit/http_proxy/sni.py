@@ -43,13 +43,15 @@ class SniStatus(enum.Enum):
 class SniResult:
     status: SniStatus
     server_name: str | None = None
+    #: For INCOMPLETE: parsing again before this many bytes are there is pointless
+    #: (lets a caller fed one byte at a time avoid quadratic work).
+    need: int = 0
 
     @property
     def done(self) -> bool:
         return self.status is not SniStatus.INCOMPLETE
 
 
-_INCOMPLETE = SniResult(SniStatus.INCOMPLETE)
 _INVALID = SniResult(SniStatus.INVALID)
 _NO_SNI = SniResult(SniStatus.NO_SNI)
 
@@ -93,12 +95,13 @@ class _Reader:
         return r
 
 
-def _handshake_message(data: bytes) -> bytes:
+def _handshake_message(data: bytes) -> tuple[bytes, int]:
     """Reassemble the first handshake message from TLS records.
 
-    Returns the whole message (4-byte header included) once it is all there, ``b""``
-    while ``data`` is a valid prefix, and raises ``_Malformed`` for anything else.
-    Records after the one that completes the message (0-RTT data...) are ignored."""
+    Returns (the whole message with its 4-byte header, 0) once it is all there, or
+    (``b""``, bytes needed to make progress) while ``data`` is a valid prefix; raises
+    ``_Malformed`` for anything else. Records after the one that completes the message
+    (0-RTT data...) are ignored."""
     out = bytearray()
     pos = 0
     n = len(data)
@@ -110,21 +113,34 @@ def _handshake_message(data: bytes) -> bytes:
             if length < 38 or length > MAX_CLIENT_HELLO:
                 raise _Malformed
             if len(out) >= 4 + length:
-                return bytes(out[:4 + length])
+                return bytes(out[:4 + length]), 0
         if pos >= n:
-            return b""
+            return b"", n + 1
         header = data[pos:pos + 5]
         # Check each header byte as soon as it is there, so garbage fails fast.
         if header[0] != _RECORD_HANDSHAKE or (len(header) >= 2 and header[1] != 3):
             raise _Malformed
         if len(header) < 5:
-            return b""
+            return b"", pos + 5
         length = int.from_bytes(header[3:5], "big")
         if length == 0 or length > _MAX_RECORD:
             raise _Malformed
         fragment = data[pos + 5:pos + 5 + length]
         out += fragment
-        pos += 5 + len(fragment)  # a partial record ends the data: pos >= n next time
+        pos += 5 + length
+        if len(fragment) < length:
+            # A partial record: the message may be complete already; if not, check
+            # what is there and wait for the rest of this record.
+            if out and out[0] != _HANDSHAKE_CLIENT_HELLO:
+                raise _Malformed
+            if len(out) >= 4:
+                message_length = int.from_bytes(out[1:4], "big")
+                if not 38 <= message_length <= MAX_CLIENT_HELLO:
+                    raise _Malformed
+                if len(out) >= 4 + message_length:
+                    return bytes(out[:4 + message_length]), 0
+                return b"", min(pos, n + 4 + message_length - len(out))
+            return b"", min(pos, n + 4 - len(out))
 
 
 def _valid_name(raw: bytes) -> str | None:
@@ -192,11 +208,15 @@ def parse_client_hello_untrusted(data: bytes | bytearray | memoryview) -> SniRes
     still incomplete there is ``INVALID`` (so a caller never needs to read more)."""
     try:
         view = bytes(data[:MAX_CLIENT_HELLO])
-        message = _handshake_message(view)
+        message, need = _handshake_message(view)
         if not message:
-            return _INVALID if len(view) >= MAX_CLIENT_HELLO else _INCOMPLETE
+            if len(view) >= MAX_CLIENT_HELLO:
+                return _INVALID
+            return SniResult(SniStatus.INCOMPLETE, need=min(need, MAX_CLIENT_HELLO))
         return _parse_hello_body(message[4:])
     except _Malformed:
+        return _INVALID
+    except Exception:  # pragma: no cover - defence in depth: untrusted input never raises
         return _INVALID
     except Exception:  # pragma: no cover - defence in depth: untrusted input never raises
         return _INVALID

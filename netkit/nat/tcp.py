@@ -146,6 +146,9 @@ class TcpNat:
         #: Gateway port -> ``async handler(stream, (guest_ip, guest_port))`` for services.
         self.services: dict[int, object] = {}
         self._forward_ports = itertools.cycle(_FORWARD_PORTS)
+        #: ``intercept(destination, port)`` -> a service handler that takes this guest
+        #: connection instead of plain NAT (the transparent HTTP proxy), or None.
+        self.intercept = None
         gateway.nat[PROTO_TCP] = self.input
         gateway.unclaimed[PROTO_TCP] = self.input
         gateway.switch.on_batch_done(self.flush)
@@ -219,6 +222,8 @@ class TcpNat:
             if decision.action == "redirect":
                 real = decision.address
                 real_port = decision.port or real_port
+            elif self.intercept is not None:
+                service = self.intercept(IPv4Address(ip.dst), tcp.dst_port)
         if self.flow_count >= self.config.max_connections:
             self._count("connection-limit")
             self._reply_rst(port, src_mac, ip, tcp, seg)
