@@ -90,7 +90,8 @@ def _start_9p(config: Config, switch: Switch) -> None:
     shares = config.shares_by_name()
 
     async def serve(stream, client) -> None:
-        await serve_9p(stream, shares)
+        await serve_9p(stream, shares, msize_max=config.files_msize_max, max_fids=config.files_max_fids,
+                       max_outstanding=config.files_max_outstanding)
 
     switch.tcp_nat.register_service(NINEP_PORT, serve)
 

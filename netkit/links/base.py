@@ -68,6 +68,10 @@ class Link(abc.ABC):
     #: True when frames may be exchanged with virtio-net offloads: received frames may
     #: carry partial L4 checksums (do not verify them) and ``send`` accepts ``TxOffload``.
     offload: bool = False
+    #: True when every received frame was built by a trusted kernel (a tap): its IP and
+    #: L4 checksums are valid (or partial, with offloads), so receivers skip verifying
+    #: them. Links that carry frames from other processes, or may corrupt them, say False.
+    checksums_trusted: bool = False
 
     def __init__(self, *, send_queue_bytes: int = DEFAULT_SEND_QUEUE_BYTES) -> None:
         self._queue: collections.deque[tuple[Frame, TxOffload | None]] = collections.deque()

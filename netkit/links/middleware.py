@@ -58,6 +58,10 @@ class LinkWrapper(Link):
     def offload(self) -> bool:
         return self.inner.offload
 
+    @property
+    def checksums_trusted(self) -> bool:
+        return self.inner.checksums_trusted
+
     def __getattr__(self, attr: str) -> Any:
         # Only reached for attributes this wrapper lacks: mtu, mac, uuid, fileno, ...
         if attr == "inner":
@@ -347,6 +351,12 @@ class FaultInjector(LinkWrapper):
         self._rx = _FaultPlan(random.Random(f"{seed}/receive"), drop, duplicate, reorder, corrupt, self.faults.receive)
         self._tx = _FaultPlan(random.Random(f"{seed}/send"), drop, duplicate, reorder, corrupt, self.faults.send)
         self._tx_held = trio.Event()
+        self._corrupts_received = corrupt > 0 and "receive" in self.directions
+
+    @property
+    def checksums_trusted(self) -> bool:
+        # Corrupted frames must be caught by checksum verification, as a NIC would.
+        return self.inner.checksums_trusted and not self._corrupts_received
 
     async def receive_batch(self) -> list[Frame]:
         if "receive" not in self.directions:

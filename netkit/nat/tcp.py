@@ -172,7 +172,7 @@ class TcpNat:
             self._count("fragment-dropped")
             return
         tcp = TcpView(ip.payload)
-        if not port.link.offload and not tcp.checksum_ok(ip.src, ip.dst):
+        if not port.link.checksums_trusted and not tcp.checksum_ok(ip.src, ip.dst):
             self._count("bad-checksum")
             return
         stack = self.stacks.get(ip.dst)
