@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test venv tools-test tools-demo tools-bench bench bench-smoke clean guest-image
+.PHONY: demo test venv tools-test tools-demo tools-bench bench bench-smoke clean guest-image soak
 
 $(STAMP): pyproject.toml
 	@if ! $(PYTHON) -m venv $(VENV) >/dev/null 2>&1; then \
@@ -54,3 +54,7 @@ bench: $(BENCH_STAMP) tools-bench
 ## bench-smoke: one short run of every stack and figure (about a minute)
 bench-smoke: $(BENCH_STAMP) tools-bench
 	$(PY) -m benchmarks --smoke $(BENCH_ARGS)
+
+## soak: 10,000 connections, a full port scan, 1 GiB each way over a lossy link (3 seeds), a DNS flood (root; ~15 min)
+soak: venv tools-test
+	$(PY) tests/soak/soak.py --json tests/soak/last-soak.json $(SOAK_ARGS)

@@ -87,7 +87,7 @@ def add_switch_options(p: argparse.ArgumentParser) -> None:
 
 
 #: Config settings whose command-line flag has another name.
-_FLAG_FOR_SETTING = {"state_file": "state", "http_proxy_file": "http", "dns_upstreams": "dns-upstream", "dns_hosts_file": "hosts", "forwards": "forward",
+_FLAG_FOR_SETTING = {"state_file": "state", "shares": "share", "http_proxy_file": "http", "dns_upstreams": "dns-upstream", "dns_hosts_file": "hosts", "forwards": "forward",
                      "host_loopback": "no-host-loopback"}
 
 
@@ -130,6 +130,9 @@ def build_config(args: argparse.Namespace) -> Config:
             except ForwardError as e:
                 raise ConfigError(f"forward: {e}") from None
         overrides["forwards"] = list(args.forward)
+    if getattr(args, "share", None) and isinstance(args.share[0], str) and "=" in args.share[0] \
+            and getattr(args, "subcommand", None) != "vm":
+        overrides["shares"] = list(args.share)
     if getattr(args, "no_host_loopback", False):
         overrides["host_loopback"] = False
     try:
@@ -166,6 +169,9 @@ def switch_parser() -> argparse.ArgumentParser:
     g.add_argument("--listen-vsock", action="append", default=[], type=int, metavar="PORT",
                    help="AF_VSOCK port speaking the vpnkit protocol")
     g.add_argument("--stdio", action="store_true", help="one guest on stdin/stdout (u16 LE framing)")
+    g.add_argument("--share", action="append", default=[], metavar="NAME=PATH[:ro]",
+                   help="export a host directory over 9P on the gateway (TCP 564); guests mount it with "
+                        "mount -t 9p -o trans=tcp,port=564,version=9p2000.L,aname=NAME 192.168.65.1 /mnt")
     g.add_argument("--user", metavar="NAME",
                    help="after creating taps and listeners as root, continue as this user")
     from .api.paths import DEFAULT_PATH_HELP, default_api_path

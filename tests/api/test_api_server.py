@@ -222,7 +222,7 @@ async def test_api_stats_and_connections(api, fake_guest, nursery):
     assert stats["frames"]["in"] > 0 and stats["frames"]["out"] > 0
     assert stats["bytes"]["in"] > len(payload) and stats["bytes"]["out"] > len(payload)
     assert "queries" in stats["dns"]
-    assert stats["http_proxy"] is None
+    assert stats["http_proxy"]["active_connections"] == 0  # the gateway's proxy, idle
     assert stats["leases"] == 1 and len(stats["ports"]) == 1
     assert set(stats["drops"]) == {"switch", "gateway"}
     status, body, _ = await api.curl(path="/connections?protocol=udp")
@@ -326,6 +326,7 @@ async def test_api_metrics_parse_as_prometheus_text(api, fake_guest):
 
 # ----------------------------------------------------------------------------- http proxy, dns, pcap
 async def test_api_http_proxy_503_without_proxy_then_get_put(api):
+    api.switch.http_proxy = None  # as with --http-proxy-port 0
     status, body, _ = await api.curl(path="/http-proxy")
     assert status == 503 and "not enabled" in json.loads(body)["error"]
     api.switch.http_proxy = HttpProxy()

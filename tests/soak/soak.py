@@ -1,0 +1,279 @@
+"""``make soak``: netkit under sustained load, faults and floods, with figures to report.
+
+Each part runs a real kernel guest (a network namespace) on an in-process switch and
+servers on host loopback, and prints one result line; ``--json FILE`` also writes them.
+Needs root. Parts: ``connections`` (N concurrent TCP connections, each moving data, then
+held idle: RSS per connection), ``scan`` (all 65535 ports of the host alias), ``lossy``
+(exact bytes each way over the fault-injection link, several seeds), ``dnsflood`` (DNS
+queries to a slow upstream while another guest's TCP transfer runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import trio
+
+import netkit
+from netkit.links.middleware import FaultInjector
+from netkit.testing.netns_guest import open_netns_guest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOOLS = os.path.join(os.path.dirname(HERE), "tools")
+HOST = "192.168.65.2"
+MB = 1 << 20
+
+
+def rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def start_server(*argv: str, env: dict | None = None) -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, **(env or {})))
+    return proc, int(proc.stdout.readline())
+
+
+async def guest_python(guest, code: str, timeout: float = 600) -> str:
+    out = await guest.run([sys.executable, "-c", code], timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr.decode())
+    return out.stdout.decode().strip()
+
+
+def config(**kw) -> netkit.Config:
+    return netkit.Config(dns_upstreams=("127.0.0.1:9",), **kw)
+
+
+async def part_connections(n: int) -> dict:
+    """N connections, each sends and receives 1 KiB, then all stay open while we measure."""
+    holder, port = start_server("-c", """
+import socket, threading, sys
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", 0)); srv.listen(65535)
+print(srv.getsockname()[1], flush=True)
+held = []
+while True:
+    c, _ = srv.accept()
+    data = b""
+    while len(data) < 1024:
+        chunk = c.recv(1024 - len(data))
+        if not chunk:
+            break
+        data += chunk
+    c.sendall(data)
+    held.append(c)
+""")
+    try:
+        async with netkit.open_switch(config(max_connections_per_guest=n + 100)) as switch:
+            async with open_netns_guest(switch) as guest:
+                await guest.udhcpc()
+                base_rss, base_fds = rss_kib(), fd_count()
+                ready = trio.Event()
+                result: dict = {}
+
+                async def client() -> None:
+                    code = f"""
+import asyncio, resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, ({n} + 1000, {n} + 1000))
+async def one(i, sem):
+    async with sem:
+        r, w = await asyncio.open_connection("{HOST}", {port})
+        w.write(bytes([i % 256]) * 1024); await w.drain()
+        got = await r.readexactly(1024)
+    return (r, w, got == bytes([i % 256]) * 1024)
+async def main():
+    sem = asyncio.Semaphore(2000)
+    conns = await asyncio.gather(*(one(i, sem) for i in range({n})))
+    print("ok=%d" % sum(1 for c in conns if c[2]), flush=True)
+    sys.stdin.readline()  # hold them open until told
+asyncio.run(main())
+"""
+                    proc = await trio.lowlevel.open_process(guest.netns.exec_args([sys.executable, "-c", code]),
+                                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                    line = b""
+                    while not line.endswith(b"\n"):
+                        line += await proc.stdout.receive_some(100)
+                    result["ok"] = int(line.split(b"=")[1])
+                    ready.set()
+                    await result["release"].wait()
+                    await proc.stdin.send_all(b"\n")
+                    await proc.wait()
+
+                result["release"] = trio.Event()
+                start = time.monotonic()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(client)
+                    await ready.wait()
+                    elapsed = time.monotonic() - start
+                    await trio.sleep(1)
+                    flows = switch.tcp_nat.flow_count
+                    held_rss = rss_kib()
+                    result["release"].set()
+                per_conn = (held_rss - base_rss) * 1024 / max(flows, 1)
+                return {"part": "connections", "requested": n, "completed": result["ok"], "flows_held": flows,
+                        "setup_seconds": round(elapsed, 1), "rss_base_mib": round(base_rss / 1024, 1),
+                        "rss_held_mib": round(held_rss / 1024, 1), "bytes_per_connection": int(per_conn),
+                        "fds_during": fd_count() - base_fds}
+    finally:
+        holder.kill()
+
+
+async def part_scan() -> dict:
+    async with netkit.open_switch(config(tcp_half_close_timeout=3.0)) as switch:
+        async with open_netns_guest(switch) as guest:
+            await guest.udhcpc()
+            fds = fd_count()
+            start = time.monotonic()
+            out = await guest.run([sys.executable, os.path.join(TOOLS, "port_scan.py"), HOST, "10000"], timeout=900)
+            elapsed = time.monotonic() - start
+            counts = dict(kv.split("=") for kv in out.stdout.decode().split())
+            ping = await guest.run(["ping", "-c", "1", "-W", "2", HOST])
+            with trio.move_on_after(30):
+                while switch.tcp_nat.flow_count:
+                    await trio.sleep(0.1)
+            return {"part": "scan", "ports": 65535, "seconds": round(elapsed, 1), **counts,
+                    "ping_after": ping.returncode == 0, "flows_after": switch.tcp_nat.flow_count,
+                    "fd_delta_after": fd_count() - fds}
+
+
+async def part_lossy(size_mb: int, seeds: list[int]) -> list[dict]:
+    server, port = start_server(os.path.join(TOOLS, "tcp_test_server.py"))
+    results = []
+    try:
+        for seed in seeds:
+            async with netkit.open_switch(config()) as switch:
+                def lossy(link, seed=seed):
+                    return FaultInjector(link, seed=seed, drop=0.01, duplicate=0.01, reorder=0.05, corrupt=0.001)
+
+                async with open_netns_guest(switch, wrap=lossy) as guest:
+                    for _ in range(20):
+                        try:
+                            await guest.udhcpc()
+                            break
+                        except Exception:
+                            await trio.sleep(0.2)
+                    client = [sys.executable, os.path.join(TOOLS, "tcp_test_client.py")]
+                    start = time.monotonic()
+                    up = (await guest.run([*client, "upload", HOST, str(port), str(size_mb * MB), str(seed)],
+                                          timeout=1800)).stdout.decode()
+                    mid = time.monotonic()
+                    down = (await guest.run([*client, "download", HOST, str(port), str(size_mb * MB),
+                                             str(seed + 100)], timeout=1800)).stdout.decode()
+                    end = time.monotonic()
+                    upd = dict(kv.split("=") for kv in up.split())
+                    downd = dict(kv.split("=") for kv in down.split())
+                    faults = guest.link.faults
+                    results.append({"part": "lossy", "seed": seed, "mib_each_way": size_mb,
+                                    "up_exact": upd.get("sent") == upd.get("got"),
+                                    "down_exact": downd.get("got") == downd.get("expected"),
+                                    "up_mbit_s": round(size_mb * 8 * 1.048576 / (mid - start), 1),
+                                    "down_mbit_s": round(size_mb * 8 * 1.048576 / (end - mid), 1),
+                                    "dropped": faults.receive.dropped + faults.send.dropped,
+                                    "corrupted": faults.receive.corrupted + faults.send.corrupted,
+                                    "bad_checksums_caught": switch.tcp_nat.counters.get("bad-checksum", 0)})
+    finally:
+        server.kill()
+    return results
+
+
+async def part_dnsflood(queries: int) -> dict:
+    slow, slow_port = start_server("-c", """
+import socket, time, threading
+from dnslib import DNSRecord
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1], flush=True)
+def answer(data, addr):
+    time.sleep(1.5)  # a slow upstream
+    s.sendto(DNSRecord.parse(data).reply().pack(), addr)
+while True:
+    data, addr = s.recvfrom(4096)
+    threading.Thread(target=answer, args=(data, addr), daemon=True).start()
+""")
+    server, port = start_server(os.path.join(TOOLS, "tcp_test_server.py"))
+    try:
+        cfg = netkit.Config(dns_upstreams=(f"127.0.0.1:{slow_port}",), dns_timeout=2.0)
+        async with netkit.open_switch(cfg) as switch:
+            async with open_netns_guest(switch) as flooder, open_netns_guest(switch) as worker:
+                await flooder.udhcpc()
+                await worker.udhcpc()
+                client = [sys.executable, os.path.join(TOOLS, "tcp_test_client.py")]
+
+                async def transfer() -> float:
+                    start = time.monotonic()
+                    out = await worker.run([*client, "download", HOST, str(port), str(200 * MB), "5"], timeout=600)
+                    assert "got=" in out.stdout.decode()
+                    return time.monotonic() - start
+
+                quiet = await transfer()
+                flood_code = f"""
+import os, socket, time
+from dnslib import DNSRecord
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.setblocking(False)
+start = time.monotonic(); sent = 0
+while sent < {queries}:
+    s.sendto(DNSRecord.question("q%d.flood.test" % sent).pack(), ("192.168.65.1", 53)); sent += 1
+    if sent % 500 == 0:
+        time.sleep(0.01)
+print("sent=%d rate=%d" % (sent, sent / (time.monotonic() - start)))
+"""
+                results: dict = {}
+
+                async def flood() -> None:
+                    results["flood"] = await guest_python(flooder, flood_code)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(flood)
+                    await trio.sleep(0.2)
+                    results["loaded"] = await transfer()
+                stats = switch.dns.statistics()
+                return {"part": "dnsflood", "queries": queries, "flood": results["flood"],
+                        "tcp_200mib_quiet_s": round(quiet, 2), "tcp_200mib_during_flood_s": round(results["loaded"], 2),
+                        "servfail": stats["servfail"], "over_in_flight_limit": stats["over_in_flight_limit"]}
+    finally:
+        slow.kill()
+        server.kill()
+
+
+async def main(args) -> list[dict]:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
+    results: list[dict] = []
+    for part in args.parts:
+        if part == "connections":
+            results.append(await part_connections(args.connections))
+        elif part == "scan":
+            results.append(await part_scan())
+        elif part == "lossy":
+            results.extend(await part_lossy(args.lossy_mb, args.seeds))
+        elif part == "dnsflood":
+            results.append(await part_dnsflood(args.dns_queries))
+        print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("parts", nargs="*", default=["connections", "scan", "lossy", "dnsflood"])
+    p.add_argument("--connections", type=int, default=10000)
+    p.add_argument("--lossy-mb", type=int, default=1024)
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--dns-queries", type=int, default=20000)
+    p.add_argument("--json", metavar="FILE")
+    args = p.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("make soak needs root (network namespaces and taps)")
+    results = trio.run(main, args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
