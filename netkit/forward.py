@@ -15,6 +15,7 @@ is 127.0.0.1.
 
 from __future__ import annotations
 
+import collections
 import errno
 import itertools
 import logging
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .timers import TimerHeap
+from .nat.flowtable import IdleFlowTable
 from .wire import Ipv4View, UdpView, udp_frame
 from .wire.frames import fragment_frames
 
@@ -111,11 +112,14 @@ class PortForwarder:
         self.switch = switch
         self.nursery = nursery
         self._forwards: dict[tuple[str, str], Forward] = {}
-        self._udp_flows: dict[tuple[int, tuple[str, int]], _UdpForwardFlow] = {}
+        self.counters: collections.Counter[str] = collections.Counter()
+        #: (forward, host client) -> UDP forward flow.
+        self._udp_flows: IdleFlowTable[tuple[int, tuple[str, int]], _UdpForwardFlow] = IdleFlowTable(
+            max_flows=switch.config.udp_max_flows, idle_timeout=switch.config.udp_idle_timeout,
+            release=self._release_udp, counters=self.counters)
         self._udp_by_port: dict[int, _UdpForwardFlow] = {}
         self._udp_ports = itertools.cycle(_UDP_FORWARD_PORTS)
-        self._udp_expiry: TimerHeap[_UdpForwardFlow] = TimerHeap()
-        nursery.start_soon(self._udp_expiry.run, self._expire_udp, name="udp-forward-expiry")
+        nursery.start_soon(self._udp_flows.run, name="udp-forward-expiry")
 
     # ----- management -----
     def add(self, proto: str, local: str, remote: str) -> Forward:
@@ -152,8 +156,9 @@ class PortForwarder:
         forward.sock.close()
         if proto == "unix":
             _unlink_socket(local)
-        for flow in [f for f in self._udp_flows.values() if f.forward is forward]:
-            self._close_udp(flow)
+        for flow in self._udp_flows.values():
+            if flow.forward is forward:
+                self._udp_flows.remove(flow)
         log.info("removed forward %s %s", proto, local)
         return True
 
@@ -251,10 +256,9 @@ class PortForwarder:
             else:
                 return
             flow = _UdpForwardFlow(forward, client, local_port, now)
-            self._udp_flows[(id(forward), client)] = flow
+            self._udp_flows.add((id(forward), client), flow, now)
             self._udp_by_port[local_port] = flow
             switch.udp_nat.reverse[(switch.config.host_ip.packed, local_port)] = self._udp_from_guest
-            self._udp_expiry.schedule(flow, now + switch.config.udp_idle_timeout)
             forward.connections += 1
         flow.last_active = now
         mac = gateway.mac_for_ip(forward.guest_ip.packed)
@@ -277,22 +281,10 @@ class PortForwarder:
         except OSError:
             pass
 
-    def _expire_udp(self, flow: _UdpForwardFlow, now: float) -> None:
-        idle_until = flow.last_active + self.switch.config.udp_idle_timeout
-        if idle_until > now:
-            self._udp_expiry.schedule(flow, idle_until)
-        else:
-            self._close_udp(flow)
-
-    def _close_udp(self, flow: _UdpForwardFlow) -> None:
-        if flow.closed:
-            return
+    def _release_udp(self, flow: _UdpForwardFlow) -> None:
         flow.closed = True
-        self._udp_flows.pop((id(flow.forward), flow.client), None)
         self._udp_by_port.pop(flow.local_port, None)
         self.switch.udp_nat.reverse.pop((self.switch.config.host_ip.packed, flow.local_port), None)
-        self._udp_expiry.cancel(flow)
-
 
 def _unlink_socket(path: str) -> None:
     try:

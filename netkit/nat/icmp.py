@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..config import Config
-from ..timers import TimerHeap
 from ..wire import IcmpView, Ipv4View, MalformedPacket, icmp_frame
 from ..wire.checksum import checksum
 from ..wire.icmpv4 import DEST_UNREACHABLE, ECHO_REPLY, ECHO_REQUEST, TIME_EXCEEDED, UNREACH_ADMIN
 from ..wire.ipv4 import PROTO_ICMP, build_ipv4_header
 from .errqueue import read_errors
+from .flowtable import IdleFlowTable
 from .host import HostNetwork, translate_destination, translate_source
 
 if TYPE_CHECKING:
@@ -65,16 +65,18 @@ class IcmpNat:
         self.gateway = gateway
         self.nursery = nursery
         self.host = host or HostNetwork()
-        self.flows: collections.OrderedDict[tuple[bytes, int], EchoFlow] = collections.OrderedDict()
         self._by_wire_ident: dict[int, EchoFlow] = {}
         self._idents = itertools.cycle(range(1, 0x10000))
         self._raw: socket.socket | None = None
         self._mode: str | None = None  # "ping", "raw" or "none", decided on first use
         self.counters: collections.Counter[str] = collections.Counter()
-        self._expiry: TimerHeap[EchoFlow] = TimerHeap()
+        #: (guest IP, guest identifier) -> flow.
+        self.flows: IdleFlowTable[tuple[bytes, int], EchoFlow] = IdleFlowTable(
+            max_flows=config.icmp_max_flows, idle_timeout=config.icmp_idle_timeout, release=self._release,
+            counters=self.counters)
         gateway.nat[PROTO_ICMP] = self.input
         gateway.switch.on_detach(self._port_detached)
-        nursery.start_soon(self._expiry.run, self._expire, name="icmp-expiry")
+        nursery.start_soon(self.flows.run, name="icmp-expiry")
 
     # ----- guest -> host -----
     def input(self, port: "Port", src_mac: bytes, ip: Ipv4View, now: float) -> None:
@@ -103,8 +105,6 @@ class IcmpNat:
             flow = self._open_flow(port, src_mac, ip.src, icmp.ident, now)
             if flow is None:
                 return
-        else:
-            self.flows.move_to_end(key)
         flow.last_active = now
         body = bytes(icmp.body)
         try:
@@ -129,10 +129,6 @@ class IcmpNat:
         if self._mode == "none":
             self.counters["no-icmp-socket"] += 1
             return None
-        while len(self.flows) >= self.config.icmp_max_flows:
-            _key, victim = self.flows.popitem(last=False)
-            self.counters["flows-evicted"] += 1
-            self._close(victim, already_removed=True)
         flow = EchoFlow(port, src_mac, guest_ip, ident, now)
         if self._mode == "ping":
             try:
@@ -152,9 +148,7 @@ class IcmpNat:
                 return None
             flow.wire_ident = wire
             self._by_wire_ident[wire] = flow
-        self.flows[(guest_ip, ident)] = flow
-        self.counters["flows-opened"] += 1
-        self._expiry.schedule(flow, now + self.config.icmp_idle_timeout)
+        self.flows.add((guest_ip, ident), flow, now)
         return flow
 
     def prepare(self) -> None:
@@ -257,23 +251,8 @@ class IcmpNat:
         self.counters[f"icmp-errors-{icmp_type}/{code}"] += 1
 
     # ----- lifetime -----
-    def _expire(self, flow: EchoFlow, now: float) -> None:
-        if flow.closed:
-            return
-        idle_until = flow.last_active + self.config.icmp_idle_timeout
-        if idle_until > now:
-            self._expiry.schedule(flow, idle_until)
-            return
-        self.counters["flows-expired"] += 1
-        self._close(flow)
-
-    def _close(self, flow: EchoFlow, *, already_removed: bool = False) -> None:
-        if flow.closed:
-            return
+    def _release(self, flow: EchoFlow) -> None:
         flow.closed = True
-        if not already_removed:
-            self.flows.pop((flow.guest_ip, flow.guest_ident), None)
-        self._expiry.cancel(flow)
         if flow.wire_ident:
             self._by_wire_ident.pop(flow.wire_ident, None)
         flow.cancel_scope.cancel()
@@ -282,12 +261,12 @@ class IcmpNat:
             flow.sock.close()
 
     def _port_detached(self, port: "Port") -> None:
-        for flow in [f for f in self.flows.values() if f.port is port]:
-            self._close(flow)
+        for flow in self.flows.values():
+            if flow.port is port:
+                self.flows.remove(flow)
 
     def close(self) -> None:
-        for flow in list(self.flows.values()):
-            self._close(flow)
+        self.flows.clear()
         if self._raw is not None:
             trio.lowlevel.notify_closing(self._raw)
             self._raw.close()

@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..config import Config
-from ..timers import TimerHeap
 from ..wire import Ipv4View, UdpView, icmp_frame, udp_frame
 from ..wire.frames import fragment_frames
 from ..wire.icmpv4 import DEST_UNREACHABLE, UNREACH_ADMIN, UNREACH_PORT
 from ..wire.ipv4 import PROTO_UDP, build_ipv4_header
 from .errqueue import read_errors
+from .flowtable import IdleFlowTable
 from .host import HostNetwork, translate_destination, translate_source
 
 if TYPE_CHECKING:
@@ -87,16 +87,18 @@ class UdpNat:
         self.gateway = gateway
         self.nursery = nursery
         self.host = host or HostNetwork()
-        self.flows: collections.OrderedDict[tuple[bytes, int], UdpFlow] = collections.OrderedDict()
         self.counters: collections.Counter[str] = collections.Counter()
-        self._expiry: TimerHeap[UdpFlow] = TimerHeap()
+        #: (guest IP, guest port) -> flow.
+        self.flows: IdleFlowTable[tuple[bytes, int], UdpFlow] = IdleFlowTable(
+            max_flows=config.udp_max_flows, idle_timeout=config.udp_idle_timeout, release=self._release,
+            counters=self.counters)
         #: (virtual IP, port) -> ``handler(ip, udp)`` for datagrams that answer a port
         #: forward rather than open a flow of their own (see netkit.forward).
         self.reverse: dict[tuple[bytes, int], object] = {}
         gateway.nat[PROTO_UDP] = self.input
         gateway.unclaimed[PROTO_UDP] = self.port_unreachable
         gateway.switch.on_detach(self._port_detached)
-        nursery.start_soon(self._expiry.run, self._expire, name="udp-expiry")
+        nursery.start_soon(self.flows.run, name="udp-expiry")
 
     # ----- guest -> host -----
     def input(self, port: "Port", src_mac: bytes, ip: Ipv4View, now: float) -> None:
@@ -122,8 +124,6 @@ class UdpNat:
         elif flow.port is not port:
             self.counters["wrong-port"] += 1
             return
-        else:
-            self.flows.move_to_end(key)
         flow.last_active = now
         destination = (ip.dst, udp.dst_port)
         target = flow.targets.get(destination)
@@ -167,10 +167,6 @@ class UdpNat:
 
     def _open_flow(self, port: "Port", src_mac: bytes, guest_ip: bytes, guest_port: int,
                    now: float) -> UdpFlow | None:
-        while len(self.flows) >= self.config.udp_max_flows:
-            _key, victim = self.flows.popitem(last=False)
-            self.counters["flows-evicted"] += 1
-            self._close(victim, already_removed=True)
         try:
             sock = self.host.udp_socket()
         except OSError as e:
@@ -178,9 +174,7 @@ class UdpNat:
             log.warning("cannot create a UDP socket for a guest flow: %s", e)
             return None
         flow = UdpFlow(port, src_mac, guest_ip, guest_port, sock, now, now)
-        self.flows[(guest_ip, guest_port)] = flow
-        self.counters["flows-opened"] += 1
-        self._expiry.schedule(flow, now + self.config.udp_idle_timeout)
+        self.flows.add((guest_ip, guest_port), flow, now)
         self.nursery.start_soon(self._read_host, flow)
         return flow
 
@@ -236,34 +230,19 @@ class UdpNat:
                                   b"\0\0\0\0", quoted))
 
     # ----- lifetime -----
-    def _expire(self, flow: UdpFlow, now: float) -> None:
-        if flow.closed:
-            return
-        idle_until = flow.last_active + self.config.udp_idle_timeout
-        if idle_until > now:
-            self._expiry.schedule(flow, idle_until)
-            return
-        self.counters["flows-expired"] += 1
-        self._close(flow)
-
-    def _close(self, flow: UdpFlow, *, already_removed: bool = False) -> None:
-        if flow.closed:
-            return
+    def _release(self, flow: UdpFlow) -> None:
         flow.closed = True
-        if not already_removed:
-            self.flows.pop((flow.guest_ip, flow.guest_port), None)
-        self._expiry.cancel(flow)
         flow.cancel_scope.cancel()
         trio.lowlevel.notify_closing(flow.sock)
         flow.sock.close()
 
     def _port_detached(self, port: "Port") -> None:
-        for flow in [f for f in self.flows.values() if f.port is port]:
-            self._close(flow)
+        for flow in self.flows.values():
+            if flow.port is port:
+                self.flows.remove(flow)
 
     def close(self) -> None:
-        for flow in list(self.flows.values()):
-            self._close(flow)
+        self.flows.clear()
 
     def statistics(self) -> dict:
         return {"flows": len(self.flows), **self.counters}
