@@ -1,0 +1,1 @@
+"""netkit's benchmark harness: ``python -m benchmarks`` (see benchmarks/harness.py)."""
