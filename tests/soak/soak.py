@@ -251,14 +251,18 @@ async def main(args) -> list[dict]:
     results: list[dict] = []
     for part in args.parts:
         if part == "connections":
-            results.append(await part_connections(args.connections))
+            new = [await part_connections(args.connections)]
         elif part == "scan":
-            results.append(await part_scan())
+            new = [await part_scan()]
         elif part == "lossy":
-            results.extend(await part_lossy(args.lossy_mb, args.seeds))
+            new = await part_lossy(args.lossy_mb, args.seeds)
         elif part == "dnsflood":
-            results.append(await part_dnsflood(args.dns_queries))
-        print(json.dumps(results[-1]), flush=True)
+            new = [await part_dnsflood(args.dns_queries)]
+        else:
+            raise SystemExit(f"unknown part {part!r}")
+        for result in new:
+            print(json.dumps(result), flush=True)
+        results += new
     return results
 
 
