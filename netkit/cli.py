@@ -7,7 +7,6 @@ import logging
 import os
 import signal
 import sys
-from ipaddress import IPv4Address, IPv4Network
 from typing import Sequence
 
 import trio

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import abc
 import collections
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trio
 

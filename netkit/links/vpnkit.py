@@ -21,7 +21,7 @@ import os
 import socket
 import struct
 import uuid as uuid_module
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Any

@@ -7,9 +7,12 @@ import struct
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
-from .host import IP_RECVERR
+from ..config import Config
+from ..wire import icmp_frame
+from ..wire.ipv4 import build_ipv4_header
+from .host import IP_RECVERR, translate_source
 
-__all__ = ["IcmpError", "read_errors"]
+__all__ = ["IcmpError", "read_errors", "error_frame_for_guest"]
 
 MSG_ERRQUEUE = 0x2000
 SO_EE_ORIGIN_ICMP = 2
@@ -50,3 +53,17 @@ def read_errors(sock: socket.socket, limit: int = 64) -> list[IcmpError]:
             destination = (IPv4Address(address[0]), address[1]) if address else (IPv4Address(0), 0)
             errors.append(IcmpError(icmp_type, icmp_code, info, destination, offender))
     return errors
+
+
+def error_frame_for_guest(config: Config, gateway_mac: bytes, guest_mac: bytes, guest_ip: bytes, icmp_type: int,
+                          code: int, rest: bytes, real_dst: IPv4Address, offender: IPv4Address | None,
+                          protocol: int, transport_head: bytes) -> bytes:
+    """An ICMP error telling the guest what the host was told about its packet.
+
+    The quote is the guest's own view of what it sent (its address, the virtual
+    destination, ``protocol`` and the first 8 bytes of the transport header); the error
+    comes from the offender as the guest sees it (or from the destination)."""
+    virtual_dst = translate_source(config, real_dst).packed
+    quoted = bytes(build_ipv4_header(guest_ip, virtual_dst, protocol, len(transport_head))) + transport_head
+    source = translate_source(config, offender).packed if offender else virtual_dst
+    return icmp_frame(guest_mac, gateway_mac, source, guest_ip, icmp_type, code, rest, quoted)

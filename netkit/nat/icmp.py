@@ -27,8 +27,8 @@ from ..config import Config
 from ..wire import IcmpView, Ipv4View, MalformedPacket, icmp_frame
 from ..wire.checksum import checksum
 from ..wire.icmpv4 import DEST_UNREACHABLE, ECHO_REPLY, ECHO_REQUEST, TIME_EXCEEDED, UNREACH_ADMIN
-from ..wire.ipv4 import PROTO_ICMP, build_ipv4_header
-from .errqueue import read_errors
+from ..wire.ipv4 import PROTO_ICMP
+from .errqueue import error_frame_for_guest, read_errors
 from .flowtable import IdleFlowTable
 from .host import HostNetwork, translate_destination, translate_source
 
@@ -242,12 +242,9 @@ class IcmpNat:
                         offender: IPv4Address | None, sequence: int = 0) -> None:
         if icmp_type not in (DEST_UNREACHABLE, TIME_EXCEEDED):
             return
-        virtual_dst = translate_source(self.config, real_dst).packed
-        echo = bytearray(struct.pack("!BBHHH", ECHO_REQUEST, 0, 0, flow.guest_ident, sequence))
-        quoted = bytes(build_ipv4_header(flow.guest_ip, virtual_dst, PROTO_ICMP, 8)) + bytes(echo)
-        src = translate_source(self.config, offender).packed if offender else virtual_dst
-        flow.port.send(icmp_frame(flow.guest_mac, self.gateway.mac, src, flow.guest_ip, icmp_type, code,
-                                       b"\0\0\0\0", quoted))
+        echo_head = struct.pack("!BBHHH", ECHO_REQUEST, 0, 0, flow.guest_ident, sequence)
+        flow.port.send(error_frame_for_guest(self.config, self.gateway.mac, flow.guest_mac, flow.guest_ip, icmp_type,
+                                             code, b"\0\0\0\0", real_dst, offender, PROTO_ICMP, echo_head))
         self.counters[f"icmp-errors-{icmp_type}/{code}"] += 1
 
     # ----- lifetime -----

@@ -28,8 +28,8 @@ from ..config import Config
 from ..wire import Ipv4View, UdpView, icmp_frame, udp_frame
 from ..wire.frames import fragment_frames
 from ..wire.icmpv4 import DEST_UNREACHABLE, UNREACH_ADMIN, UNREACH_PORT
-from ..wire.ipv4 import PROTO_UDP, build_ipv4_header
-from .errqueue import read_errors
+from ..wire.ipv4 import PROTO_UDP
+from .errqueue import error_frame_for_guest, read_errors
 from .flowtable import IdleFlowTable
 from .host import HostNetwork, translate_destination, translate_source
 
@@ -211,15 +211,10 @@ class UdpNat:
     def _icmp_errors(self, flow: UdpFlow) -> None:
         for error in read_errors(flow.sock):
             real_dst, dst_port = error.destination
-            virtual_dst = translate_source(self.config, real_dst).packed
-            # Quote what the guest sent: its IP header and the first 8 bytes of UDP.
-            quoted = bytes(build_ipv4_header(flow.guest_ip, virtual_dst, PROTO_UDP, 8)) + struct.pack(
-                "!HHHH", flow.guest_port, dst_port, 8, 0)
-            offender = translate_source(self.config, error.offender).packed if error.offender else virtual_dst
-            frame = icmp_frame(flow.guest_mac, self.gateway.mac, offender, flow.guest_ip, error.type, error.code,
-                               struct.pack("!I", error.info & 0xFFFF if error.type == DEST_UNREACHABLE else 0),
-                               quoted)
-            flow.port.send(frame)
+            rest = struct.pack("!I", error.info & 0xFFFF if error.type == DEST_UNREACHABLE else 0)  # next-hop MTU
+            flow.port.send(error_frame_for_guest(
+                self.config, self.gateway.mac, flow.guest_mac, flow.guest_ip, error.type, error.code, rest, real_dst,
+                error.offender, PROTO_UDP, struct.pack("!HHHH", flow.guest_port, dst_port, 8, 0)))
             self.counters[f"icmp-errors-{error.type}/{error.code}"] += 1
 
     def port_unreachable(self, port: "Port", src_mac: bytes, ip: Ipv4View, now: float) -> None:
