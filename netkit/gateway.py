@@ -94,6 +94,8 @@ class Gateway:
         ``reply(bytes)`` function that answers the client (any number of times, later
         too). The handler must not block; spawn a task for slow work."""
 
+        counter = f"udp-service-{port}"
+
         def deliver(port_: "Port", src_mac: bytes, ip: Ipv4View, now: float) -> None:
             udp = UdpView(ip.payload)
             if not port_.link.checksums_trusted and not udp.checksum_ok(ip.src, ip.dst):
@@ -105,7 +107,7 @@ class Gateway:
                 self.switch.deliver(src_mac, udp_frame(src_mac, self.mac, self.ip, guest_ip, port, guest_port,
                                                        payload))
 
-            self.counters[f"udp-service-{port}"] += 1
+            self.counters[counter] += 1
             handler(udp.payload, (IPv4Address(guest_ip), guest_port), reply)
 
         self.services[(PROTO_UDP, port)] = deliver
