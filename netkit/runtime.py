@@ -7,8 +7,8 @@ import errno
 import logging
 import os
 import time
-from ipaddress import IPv4Address
 from contextlib import asynccontextmanager
+from ipaddress import IPv4Address
 from typing import AsyncIterator
 
 import trio
@@ -50,12 +50,8 @@ def _start_dns(config: Config, switch: Switch, nursery: trio.Nursery) -> DnsServ
     dns = DnsService(config)
     dns.policy = switch.policy
     gateway = switch.gateway
-
-    def own_lease(ip):
-        lease = gateway.leases.lookup_ip(ip)
-        return lease.ip if lease is not None else ip
-
-    dns.vm_name_resolver = own_lease
+    # --vm-names resolve to the asking guest's own address: the service's default, since
+    # port security only lets a guest send from its leased address.
 
     async def answer(query: bytes, client, reply) -> None:
         response = await dns.handle_query(query, client=client, transport="udp")
