@@ -156,9 +156,7 @@ class PortForwarder:
         forward.sock.close()
         if proto == "unix":
             _unlink_socket(local)
-        for flow in self._udp_flows.values():
-            if flow.forward is forward:
-                self._udp_flows.remove(flow)
+        self._udp_flows.remove_if(lambda flow: flow.forward is forward)
         log.info("removed forward %s %s", proto, local)
         return True
 

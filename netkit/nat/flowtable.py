@@ -62,9 +62,14 @@ class IdleFlowTable(Generic[K, F]):
         self._expiry.cancel(flow)
         self._release(flow)
 
-    def clear(self) -> None:
+    def remove_if(self, predicate: Callable[[F], bool]) -> None:
+        """Remove every flow ``predicate`` picks (a detached port's, a removed forward's)."""
         for flow in list(self._flows.values()):
-            self.remove(flow)
+            if predicate(flow):
+                self.remove(flow)
+
+    def clear(self) -> None:
+        self.remove_if(lambda flow: True)
 
     def values(self) -> Iterator[F]:
         return iter(list(self._flows.values()))

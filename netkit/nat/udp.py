@@ -232,9 +232,7 @@ class UdpNat:
         flow.sock.close()
 
     def _port_detached(self, port: "Port") -> None:
-        for flow in self.flows.values():
-            if flow.port is port:
-                self.flows.remove(flow)
+        self.flows.remove_if(lambda flow: flow.port is port)
 
     def close(self) -> None:
         self.flows.clear()
