@@ -57,16 +57,27 @@ class Port:
 
     #: A live capture (``netkit.links.middleware.PcapWriter``) taking every frame, or None.
     capture: object = None
+    #: The switch's counters (``frames_out`` and ``drops``), so every send is counted.
+    switch: "Switch | None" = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
         return self.link.name
 
     def send(self, frame, offload=None) -> bool:
-        """Send a frame to this port's guest (the one way every component does it)."""
+        """Send a frame to this port's guest: the one way every component does it, so
+        the live capture and the switch's ``frames_out`` / ``link-queue-full`` counters
+        see every frame (NAT, services and flooding alike)."""
         if self.capture is not None:
             self.capture.write_frame(frame)
-        return self.link.send(frame, offload)
+        accepted = self.link.send(frame, offload)
+        switch = self.switch
+        if switch is not None:
+            if accepted:
+                switch.frames_out += 1
+            else:
+                switch.drops["link-queue-full"] += 1
+        return accepted
 
     async def wait_detached(self) -> None:
         await self._done.wait()
@@ -114,7 +125,7 @@ class Switch:
         if len(self._ports) >= self.config.max_ports:
             self.drops["port-limit"] += 1
             raise SwitchError(f"switch has max_ports={self.config.max_ports} ports already")
-        port = Port(next(self._port_ids), link)
+        port = Port(next(self._port_ids), link, switch=self)
         port.capture = self._capture
         self._ports[port.id] = port
         log.info("port %d attached: %s", port.id, link.name)
@@ -266,10 +277,7 @@ class Switch:
         return True
 
     def _send(self, port: Port, frame, offload=None) -> None:
-        if port.send(frame, offload):
-            self.frames_out += 1
-        else:
-            self.drops["link-queue-full"] += 1
+        port.send(frame, offload)
 
     def deliver(self, dst_mac: bytes, frame, offload=None) -> bool:
         """Send a frame from the gateway towards a guest MAC (or flood a broadcast)."""

@@ -140,8 +140,8 @@ def _bare_switch():
     config = Config()
     switch = Switch(config, _NoNursery())
     Gateway(config, switch, lambda: 1000.0)
-    victim = Port(1, RecordingLink())
-    other = Port(2, RecordingLink())
+    victim = Port(1, RecordingLink(), switch=switch)
+    other = Port(2, RecordingLink(), switch=switch)
     switch._ports = {1: victim, 2: other}
     return switch, victim
 
@@ -215,3 +215,20 @@ async def test_live_capture_start_stop(fake_guest, netkit_switch, tmp_path):
     assert icmp_types == [8, 0, 8, 0]
     await fake_guest.ping(netkit_switch.config.gateway_ip)  # nothing more is written
     assert len(list(dpkt.pcap.Reader(open(path, "rb")))) == len(frames)
+
+
+async def test_every_frame_to_a_guest_is_counted_once(fake_guest, netkit_switch):
+    """NAT and services send through ``Port.send`` too: frames_out matches what the guest got."""
+    import trio
+
+    from netkit.wire import udp_frame
+
+    await fake_guest.ping(netkit_switch.config.gateway_ip)
+    # A UDP datagram to a closed gateway port: the UDP NAT answers port unreachable itself.
+    fake_guest.send_frame(udp_frame(netkit_switch.config.gateway_mac, fake_guest.mac, fake_guest.ip,
+                                    netkit_switch.config.gateway_ip.packed, 4000, 9, b"x"))
+    await fake_guest.wait_frame(lambda f: f[23:24] == b"\x01" and f[34:35] == b"\x03")
+    with trio.fail_after(2):
+        while netkit_switch.frames_out != fake_guest.link.statistics().frames_received:
+            await trio.sleep(0.01)
+    assert netkit_switch.frames_out >= 4  # DHCP offer + ack, echo reply, port unreachable
