@@ -535,7 +535,7 @@ class ApiServer:
 
     # ----- handlers: forwards -----
     def _forwarder(self, *, plain: bool = False):
-        forwarder = getattr(self.switch, "forwarder", None)
+        forwarder = self.switch.forwarder
         if forwarder is None:
             raise ApiError(503, "port forwarding is not available on this switch", plain=plain)
         return forwarder
@@ -661,7 +661,7 @@ class ApiServer:
 
     # ----- handlers: HTTP proxy -----
     def _proxy(self):
-        proxy = getattr(self.switch, "http_proxy", None)
+        proxy = self.switch.http_proxy
         if proxy is None:
             raise ApiError(503, "the HTTP proxy is not enabled on this switch")
         return proxy
@@ -693,7 +693,7 @@ class ApiServer:
 
     # ----- handlers: DNS -----
     def _dns(self):
-        dns = getattr(self.switch, "dns", None)
+        dns = self.switch.dns
         if dns is None:
             raise ApiError(503, "the DNS service is not running on this switch")
         return dns

@@ -18,17 +18,11 @@ __all__ = ["lease_view", "leases_view", "stats_view", "connections_view", "forwa
 
 
 def _stats_of(component) -> dict:
-    if component is None:
-        return {}
-    try:
-        value = component.statistics()
-    except Exception:  # a component's bug must not take the API down with it
-        return {}
-    return value if isinstance(value, dict) else {}
+    """A component's ``statistics()``, or {} for a component this switch does not run.
 
-
-def _http_proxy(switch):
-    return getattr(switch, "http_proxy", None)
+    A component that fails here has a bug: the exception reaches the API server, which
+    answers 500 and logs the traceback, rather than a view quietly showing nothing."""
+    return {} if component is None else component.statistics()
 
 
 def forward_view(forward) -> dict:
@@ -73,8 +67,7 @@ def _link_bytes(ports: Iterable[dict]) -> tuple[int, int]:
 def _flow_counts(switch) -> dict[str, int]:
     counts = {}
     for name in ("tcp", "udp", "icmp"):
-        nat = getattr(switch, f"{name}_nat", None)
-        counts[name] = int(_stats_of(nat).get("flows", 0)) if nat is not None else 0
+        counts[name] = int(_stats_of(getattr(switch, f"{name}_nat")).get("flows", 0))
     return counts
 
 
@@ -84,9 +77,9 @@ def stats_view(switch, api_stats: dict | None = None) -> dict:
     gateway = sw.get("gateway") or {}
     ports = sw.get("port_stats") or []
     bytes_in, bytes_out = _link_bytes(ports)
-    dns = _stats_of(getattr(switch, "dns", None))
-    proxy = _http_proxy(switch)
-    forwarder = getattr(switch, "forwarder", None)
+    dns = _stats_of(switch.dns)
+    proxy = switch.http_proxy
+    forwarder = switch.forwarder
     return {
         "frames": {"in": sw.get("frames_in", 0), "out": sw.get("frames_out", 0)},
         # Link-level bytes of the guest links attached now (gone links' counts go with them).
@@ -104,8 +97,8 @@ def stats_view(switch, api_stats: dict | None = None) -> dict:
         "dhcp": dict(gateway.get("dhcp") or {}),
         "gateway": {"frames_in": gateway.get("frames_in", 0), "counters": dict(gateway.get("counters") or {}),
                     "reassembly": dict(gateway.get("reassembly") or {})},
-        "nat": {name: _stats_of(getattr(switch, f"{name}_nat", None)) for name in ("tcp", "udp", "icmp")},
-        "capture": {"active": bool(getattr(switch, "capturing", False))},
+        "nat": {name: _stats_of(getattr(switch, f"{name}_nat")) for name in ("tcp", "udp", "icmp")},
+        "capture": {"active": switch.capturing},
         "api": dict(api_stats or {}),
     }
 
@@ -114,8 +107,8 @@ def connections_view(switch, *, protocol: str | None = None, limit: int | None =
     """``GET /connections``: the live flow table, oldest first."""
     now = trio.current_time()
     rows: list[tuple[float, dict]] = []
-    tcp_nat = getattr(switch, "tcp_nat", None)
-    udp_nat = getattr(switch, "udp_nat", None)
+    tcp_nat = switch.tcp_nat
+    udp_nat = switch.udp_nat
     if tcp_nat is not None and protocol in (None, "tcp"):
         for flow in tcp_nat.flows():
             rows.append((flow.created, flow.describe()))
@@ -250,11 +243,11 @@ def render_metrics(switch, api_stats: dict | None = None) -> str:
         m.add("netkit_flows", "gauge", "", count, protocol=protocol)
     m.family("netkit_nat_events_total", "counter", "NAT events (flows opened, refused, evicted...), by protocol.")
     for protocol in ("tcp", "udp", "icmp"):
-        for event, count in _numeric_items(_stats_of(getattr(switch, f"{protocol}_nat", None))):
+        for event, count in _numeric_items(_stats_of(getattr(switch, f"{protocol}_nat"))):
             if event in ("flows", "destinations"):
                 continue
             m.add("netkit_nat_events_total", "counter", "", count, protocol=protocol, event=event)
-    tcp_stats = _stats_of(getattr(switch, "tcp_nat", None))
+    tcp_stats = _stats_of(switch.tcp_nat)
     if "destinations" in tcp_stats:
         m.add("netkit_tcp_destinations", "gauge", "Remote addresses with a per-destination TCP stack.",
               tcp_stats["destinations"])
@@ -266,7 +259,7 @@ def render_metrics(switch, api_stats: dict | None = None) -> str:
         by_state[lease.state] = by_state.get(lease.state, 0) + 1
     for state, count in by_state.items():
         m.add("netkit_leases", "gauge", "", count, state=state)
-    forwarder = getattr(switch, "forwarder", None)
+    forwarder = switch.forwarder
     if forwarder is not None:
         m.family("netkit_forwards", "gauge", "Port forwards, by protocol.")
         by_proto = {"tcp": 0, "udp": 0, "unix": 0}
@@ -275,7 +268,7 @@ def render_metrics(switch, api_stats: dict | None = None) -> str:
         for proto, count in by_proto.items():
             m.add("netkit_forwards", "gauge", "", count, protocol=proto)
 
-    dns = _stats_of(getattr(switch, "dns", None))
+    dns = _stats_of(switch.dns)
     if dns:
         m.add("netkit_dns_queries_total", "counter", "DNS queries received by the gateway resolver.",
               dns.get("queries", 0))
@@ -288,7 +281,7 @@ def render_metrics(switch, api_stats: dict | None = None) -> str:
         m.add("netkit_dns_cache_entries", "gauge", "Entries in the DNS cache.", dns.get("cache_entries", 0))
         m.add("netkit_dns_zones", "gauge", "Local DNS zones.", dns.get("zones", 0))
 
-    proxy = _http_proxy(switch)
+    proxy = switch.http_proxy
     if proxy is not None:
         pstats = _stats_of(proxy)
         m.add("netkit_http_proxy_requests_total", "counter", "HTTP requests handled by the proxy.",
@@ -302,7 +295,7 @@ def render_metrics(switch, api_stats: dict | None = None) -> str:
             m.add("netkit_http_proxy_events_total", "counter", "", count, kind=kind)
 
     m.add("netkit_capture_active", "gauge", "1 while a live pcap capture is running.",
-          1 if getattr(switch, "capturing", False) else 0)
+          1 if switch.capturing else 0)
     if api_stats:
         m.family("netkit_api_requests_total", "counter", "Control API requests, by status code.")
         for status, count in sorted((api_stats.get("responses") or {}).items()):

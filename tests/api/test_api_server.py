@@ -573,3 +573,19 @@ async def test_api_switch_keeps_forwarding_while_bad_requests_arrive(api, fake_g
     assert results and all(results), results
     assert (await api.call("health"))["status"] == "ok"
     assert api.server.statistics()["responses"].get(500, 0) == 0
+
+
+async def test_api_component_failure_is_a_500_not_an_empty_view(api, monkeypatch, caplog):
+    """A component whose statistics() fails has a bug: /stats and /metrics say so (500,
+    logged with the traceback) instead of quietly leaving that component out."""
+
+    def broken():
+        raise RuntimeError("udp statistics bug")
+
+    monkeypatch.setattr(api.switch.udp_nat, "statistics", broken)
+    for path in ("/stats", "/metrics"):
+        status, _body, _headers = await api.curl(path=path)
+        assert status == 500
+    assert "udp statistics bug" in caplog.text
+    status, _body, _headers = await api.curl(path="/health")  # the API itself carries on
+    assert status == 200
