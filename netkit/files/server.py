@@ -112,7 +112,8 @@ class _Root:
 
 
 class _Fid:
-    __slots__ = ("root", "path", "uid", "fd", "is_dir", "dirents", "xattr", "users", "clunked", "busy")
+    __slots__ = ("root", "path", "uid", "fd", "is_dir", "writing", "dirents", "xattr", "users", "clunked",
+                 "busy")
 
     def __init__(self, root: _Root, path: hostfs.Path, uid: int) -> None:
         self.root = root
@@ -120,6 +121,7 @@ class _Fid:
         self.uid = uid                    # the attaching user (n_uname), -1 if none given
         self.fd: int | None = None        # open file or directory (after Tlopen/Tlcreate)
         self.is_dir = False
+        self.writing = False              # opened for writing (Twrite is refused otherwise)
         self.dirents: list | None = None  # readdir snapshot
         self.xattr: bytes | None = None   # contents of an xattr fid (Txattrwalk)
         self.users = 0
@@ -564,6 +566,7 @@ class _Connection:
             os.close(fd)
             raise _Error(errno.EBADF)
         fid.fd, fid.is_dir, fid.dirents = fd, statmod.S_ISDIR(st.st_mode), None
+        fid.writing = f["flags"] & 3 in (1, 2)
         return self._qid(st).pack() + (0).to_bytes(4, "little")
 
     async def lcreate(self, f: dict) -> bytes:
@@ -584,6 +587,7 @@ class _Connection:
             os.close(fd)
             raise _Error(errno.EBADF)
         fid.fd, fid.is_dir, fid.dirents, fid.path = fd, False, None, path
+        fid.writing = f["flags"] & 3 in (1, 2)
         return self._qid(st).pack() + (0).to_bytes(4, "little")
 
     async def read(self, f: dict) -> tuple[bytes, bytes]:
@@ -605,7 +609,9 @@ class _Connection:
     async def write(self, f: dict) -> bytes:
         fid = self._fid(f["fid"])
         self._writable(fid)
-        if fid.fd is None or fid.xattr is not None:
+        if fid.fd is None or fid.xattr is not None or not fid.writing:
+            # Not open for writing (as write(2) says): refused before hostfs would clear
+            # set-ID bits for a write that cannot happen.
             raise _Error(errno.EBADF)
         data = f["data"]
         if f["offset"] >= _MAX_OFFSET:

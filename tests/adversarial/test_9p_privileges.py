@@ -258,6 +258,9 @@ async def test_reading_a_setuid_file_keeps_its_bits(mount, ninep_stats, dirs):
     await c.walk(ROOT, 2, "host-tool")
     await c.call("Tlopen", fid=2, flags=RDONLY)
     assert await c.read_all(2) == b"tool"
+    # a write on a fid opened for reading fails before anything is touched
+    assert await errno_of(c.call("Twrite", fid=2, offset=0, data=b"x")) == errno.EBADF
+    assert target.read_bytes() == b"tool"
     assert stat.S_IMODE(os.lstat(target).st_mode) == 0o4755
     assert ninep_stats["setid_stripped"] == 0
 
