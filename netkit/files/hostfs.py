@@ -281,6 +281,13 @@ def lcreate(root_fd: int, dirpath: Path, name: str, dotl: int, mode: int,
             _check_openable(before)  # never open an existing device or FIFO
             if stat.S_ISDIR(before.st_mode):
                 raise _err(errno.EISDIR)
+            if _writes(flags) and before.st_mode & SETID_BITS:
+                # Cleared before O_TRUNC empties it, as Tlopen does.
+                obj = os.open(name, _OBJ, dir_fd=d)
+                try:
+                    stripped = _clear_setid(_proc(obj), os.stat(obj)) or stripped
+                finally:
+                    os.close(obj)
         fd = os.open(name, flags, perm, dir_fd=d)
     finally:
         os.close(d)
@@ -296,7 +303,7 @@ def lcreate(root_fd: int, dirpath: Path, name: str, dotl: int, mode: int,
                 # and a set-group-ID directory hands its bit on.
                 os.fchmod(fd, perm)
         elif _writes(flags):
-            # An existing file, opened for writing: as Tlopen would.
+            # An existing file, opened for writing (again: the host may have set them since).
             stripped = _clear_setid(fd, st) or stripped
         return fd, os.stat(fd), stripped
     except BaseException:
@@ -348,8 +355,10 @@ def mknod(root_fd: int, dirpath: Path, name: str, mode: int, owner: Owner = None
     is raw access to a host disk or to /dev/mem for any host user."""
     check_name(name)
     kind = stat.S_IFMT(mode)
+    if kind in (stat.S_IFCHR, stat.S_IFBLK):
+        raise Refused("device node")
     if kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, 0):
-        raise Refused("device node" if kind in (stat.S_IFCHR, stat.S_IFBLK) else "mknod of this type")
+        raise _err(errno.EPERM)  # directories and symlinks have their own messages
     perm = mode & _GUEST_MODE_BITS
     d = open_dir(root_fd, dirpath)
     try:
