@@ -188,7 +188,8 @@ class Config:
     dns_tcp_pipeline: int = 32
 
     # --- 9P file sharing (TCP 564 on the gateway) ---
-    #: Host directories guests may mount (``mount -t 9p -o trans=tcp,aname=NAME``).
+    #: Host directories guests may mount (``mount -t 9p -o trans=tcp,aname=NAME``); as
+    #: strings ``NAME=PATH[:ro][:owners]``, or TOML tables (name, path, read_only, owners).
     shares: tuple[Share, ...] = ()
     #: Largest 9P message size negotiated (Linux's TCP transport goes up to 1 MiB).
     files_msize_max: int = 1024 * 1024
