@@ -168,9 +168,11 @@ def switch_parser() -> argparse.ArgumentParser:
     g.add_argument("--listen-vsock", action="append", default=[], type=int, metavar="PORT",
                    help="AF_VSOCK port speaking the vpnkit protocol")
     g.add_argument("--stdio", action="store_true", help="one guest on stdin/stdout (u16 LE framing)")
-    g.add_argument("--share", action="append", default=[], metavar="NAME=PATH[:ro]",
+    g.add_argument("--share", action="append", default=[], metavar="NAME=PATH[:ro][:owners]",
                    help="export a host directory over 9P on the gateway (TCP 564); guests mount it with "
-                        "mount -t 9p -o trans=tcp,port=564,version=9p2000.L,aname=NAME 192.168.65.1 /mnt")
+                        "mount -t 9p -o trans=tcp,port=564,version=9p2000.L,aname=NAME 192.168.65.1 /mnt; "
+                        ":ro refuses every change, :owners lets guests chown (never setuid/setgid bits or "
+                        "device nodes)")
     g.add_argument("--user", metavar="NAME",
                    help="after creating taps and listeners as root, continue as this user")
     from .api.paths import DEFAULT_PATH_HELP, default_api_path

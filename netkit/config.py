@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-__all__ = ["Config", "ConfigError", "StaticLease", "parse_mac", "format_mac", "parse_dns_server"]
+__all__ = ["Config", "ConfigError", "StaticLease", "Share", "parse_share", "parse_mac", "format_mac",
+           "parse_dns_server"]
 
 
 class ConfigError(ValueError):
@@ -46,11 +47,39 @@ class StaticLease:
 
 @dataclass(frozen=True, slots=True)
 class Share:
-    """A host directory exported to guests over 9P; guests mount it with ``aname=NAME``."""
+    """A host directory exported to guests over 9P; guests mount it with ``aname=NAME``.
+
+    Whatever the options, a guest never gets set-user-ID or set-group-ID bits, device
+    nodes or extended attributes onto the host (see the README's 9P section)."""
 
     name: str
     path: str
+    #: Every change is refused with EROFS.
     read_only: bool = False
+    #: Guests may set file owners: chown/chgrp to any uid and gid, and new files get the
+    #: guest's uid (from Tattach) and the gid it asks for. Off: chown is refused (EPERM)
+    #: and new files belong to the user netkit runs as.
+    owners: bool = False
+
+
+#: ``NAME=PATH`` suffixes and the ``Share`` flag each one sets.
+SHARE_OPTIONS = {"ro": "read_only", "owners": "owners"}
+
+
+def parse_share(text: str) -> Share:
+    """``NAME=PATH[:ro][:owners]`` (options in any order, at the end; a path may
+    itself contain ``:``, as long as it does not end in an option's name)."""
+    name, sep, rest = text.partition("=")
+    if not sep:
+        raise ConfigError(f"shares: expected NAME=PATH[:ro][:owners], got {text!r}")
+    flags: dict[str, bool] = {}
+    while True:
+        head, colon, tail = rest.rpartition(":")
+        if not colon or tail not in SHARE_OPTIONS or SHARE_OPTIONS[tail] in flags:
+            break
+        flags[SHARE_OPTIONS[tail]] = True
+        rest = head
+    return Share(name, rest, **flags)
 
 
 def _ip(name: str, value: Any) -> IPv4Address:
@@ -159,7 +188,8 @@ class Config:
     dns_tcp_pipeline: int = 32
 
     # --- 9P file sharing (TCP 564 on the gateway) ---
-    #: Host directories guests may mount (``mount -t 9p -o trans=tcp,aname=NAME``).
+    #: Host directories guests may mount (``mount -t 9p -o trans=tcp,aname=NAME``); as
+    #: strings ``NAME=PATH[:ro][:owners]``, or TOML tables (name, path, read_only, owners).
     shares: tuple[Share, ...] = ()
     #: Largest 9P message size negotiated (Linux's TCP transport goes up to 1 MiB).
     files_msize_max: int = 1024 * 1024
@@ -443,20 +473,28 @@ def _coerce(name: str, value: Any) -> Any:
 
 
 def _coerce_shares(value: Any) -> tuple[Share, ...]:
-    """TOML ``[[shares]]`` tables (name, path, read_only) or ``NAME=PATH[:ro]`` strings."""
+    """TOML ``[[shares]]`` tables (name, path, read_only, owners) or
+    ``NAME=PATH[:ro][:owners]`` strings."""
     out = []
     for item in value:
         if isinstance(item, Share):
             out.append(item)
         elif isinstance(item, str):
-            share_name, sep, rest = item.partition("=")
-            if not sep:
-                raise ConfigError(f"shares: expected NAME=PATH[:ro], got {item!r}")
-            read_only = rest.endswith(":ro")
-            out.append(Share(share_name, rest[:-3] if read_only else rest, read_only))
+            out.append(parse_share(item))
         else:
-            out.append(Share(str(item["name"]), str(item["path"]), bool(item.get("read_only", False))))
+            unknown = set(item) - {"name", "path", *SHARE_OPTIONS.values()}
+            if unknown:
+                raise ConfigError(f"shares: unknown key(s) {', '.join(sorted(unknown))} in {item!r}")
+            out.append(Share(str(item["name"]), str(item["path"]), _flag(item.get("read_only", False)),
+                             _flag(item.get("owners", False))))
     return tuple(out)
+
+
+def _flag(value: Any) -> bool:
+    """A TOML boolean (``"owners" = "false"`` must not turn ownership on)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"shares: expected true or false, got {value!r}")
+    return value
 
 
 def subnet_mask(subnet: IPv4Network) -> IPv4Address:

@@ -34,7 +34,8 @@ from typing import Callable, Sequence, TextIO
 
 import trio
 
-from .config import Config, ConfigError, parse_mac
+from .config import Config, ConfigError, Share, parse_mac
+from .config import parse_share as _parse_share_spec
 
 __all__ = [
     "VmError", "VmOptions", "add_vm_options", "vm_options_from_args", "kvm_usable", "choose_accel",
@@ -61,8 +62,8 @@ class VmOptions:
     memory: str = "512M"
     cpus: int = 1
     disks: list[str] = field(default_factory=list)
-    #: 9P shares as (name, host path), for the gateway's 9P service.
-    shares: list[tuple[str, str]] = field(default_factory=list)
+    #: 9P shares for the gateway's 9P service (``--share NAME=PATH[:ro][:owners]``).
+    shares: list[Share] = field(default_factory=list)
     accel: str = "auto"  # auto | kvm | tcg
     qemu: str = "qemu-system-x86_64"
     mac: str | None = None
@@ -147,30 +148,28 @@ def qemu_argv(opts: VmOptions, socket_path: str, accel: str) -> list[str]:
     return argv
 
 
-def parse_share(text: str) -> tuple[str, str]:
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        raise VmError(f"--share: expected NAME=PATH, got {text!r}")
-    if "/" in name or any(c.isspace() for c in name):
+def parse_share(text: str) -> Share:
+    """``--share NAME=PATH[:ro][:owners]``, as netkit-switch and the config file take it;
+    the path must be an existing directory (made absolute here)."""
+    try:
+        share = _parse_share_spec(text)
+    except ConfigError as e:
+        raise VmError(f"--share: {str(e).partition(': ')[2]}") from None
+    if not share.name or not share.path:
+        raise VmError(f"--share: expected NAME=PATH[:ro][:owners], got {text!r}")
+    if "/" in share.name or any(c.isspace() for c in share.name):
         raise VmError(f"--share {text}: the name may not contain '/' or spaces")
-    if not os.path.isdir(path):
-        raise VmError(f"--share {text}: {path} is not a directory")
-    return name, os.path.abspath(path)
+    if not os.path.isdir(share.path):
+        raise VmError(f"--share {text}: {share.path} is not a directory")
+    return dataclasses.replace(share, path=os.path.abspath(share.path))
 
 
-def apply_shares(config: Config, shares: Sequence[tuple[str, str]]) -> Config:
-    """Record ``--share`` in the config for the gateway's 9P service.
-
-    Uses ``Config.shares`` (given as TOML-style ``["NAME=PATH", ...]``, like ``nat``)
-    when this build has the 9P service; otherwise the shares are only reported.
-    """
+def apply_shares(config: Config, shares: Sequence[Share]) -> Config:
+    """Record ``--share`` in the config for the gateway's 9P service."""
     if not shares:
         return config
-    if "shares" not in {f.name for f in dataclasses.fields(Config)}:
-        log.warning("this netkit has no 9P service yet (no Config.shares); --share is ignored")
-        return config
     try:
-        return Config.from_mapping({"shares": [f"{n}={p}" for n, p in shares]}, config)
+        return Config.from_mapping({"shares": list(shares)}, config)
     except ConfigError as e:
         raise VmError(f"--share: {e}") from None
 
@@ -344,9 +343,10 @@ def add_vm_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpus", type=int, default=1, metavar="N", help="virtual CPUs (default 1)")
     g.add_argument("--disk", action="append", default=[], metavar="FILE",
                    help="a virtio disk (raw or qcow2; repeatable)")
-    g.add_argument("--share", action="append", default=[], metavar="NAME=PATH",
+    g.add_argument("--share", action="append", default=[], metavar="NAME=PATH[:ro][:owners]",
                    help="export host directory PATH to the guest over 9P as NAME "
-                        "(mount -t 9p -o trans=tcp,port=564,aname=NAME GATEWAY DIR)")
+                        "(mount -t 9p -o trans=tcp,port=564,aname=NAME GATEWAY DIR); :ro refuses every "
+                        "change, :owners lets the guest chown (never setuid/setgid bits or device nodes)")
     g.add_argument("--mac", metavar="MAC", help="the guest NIC's MAC address (default: QEMU's)")
     g.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto",
                    help="KVM or software emulation (default auto: KVM when /dev/kvm is usable)")

@@ -26,7 +26,8 @@ import pytest
 
 from netkit.testing import require_privileged, require_tool
 from netkit.testing.privileged import privileged_required
-from netkit.vm import VmError, VmOptions, choose_accel, kvm_usable, qemu_argv, vm_options_from_args
+from netkit.config import Config, Share
+from netkit.vm import VmError, VmOptions, apply_shares, choose_accel, kvm_usable, qemu_argv, vm_options_from_args
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD_SCRIPT = ROOT / "tests" / "guest" / "build.sh"
@@ -342,7 +343,10 @@ def test_vm_options_validation(tmp_path):
     base = dict(kernel="/k", initrd=None, append="", memory="512M", cpus=1, disk=[], share=[], accel="auto",
                 qemu="qemu-system-x86_64", mac=None, connect_timeout=10.0, quiet=False, qemu_args=[])
     opts = vm_options_from_args(Namespace(**dict(base, qemu_args=["--", "-s"], share=[f"data={tmp_path}"])))
-    assert opts.extra == ["-s"] and opts.shares == [("data", str(tmp_path))]
+    assert opts.extra == ["-s"] and opts.shares == [Share("data", str(tmp_path))]
+    opts = vm_options_from_args(Namespace(**dict(base, share=[f"data={tmp_path}:ro:owners"])))
+    assert opts.shares == [Share("data", str(tmp_path), read_only=True, owners=True)]
+    assert apply_shares(Config(), opts.shares).shares == (Share("data", str(tmp_path), True, True),)
     for changes, message in [
         (dict(kernel=None), "--kernel"),
         (dict(kernel=None, disk=["/d"], initrd="/i"), "--initrd"),

@@ -24,6 +24,12 @@ an unknown type, gets ``Rlerror``; host ``OSError``s become ``Rlerror(errno)`` w
 Linux errno numbers; anything unexpected is logged, counted and answered with
 ``Rlerror(EIO)``. Nothing a client sends can raise out of ``serve_9p``.
 
+No host privilege passes through a share (hostfs masks and clears set-ID bits, and
+refuses device nodes, chown and privileged hard links); this module passes each share's
+``owners`` option and the guest's uid (from Tattach) and gid (from each create) down,
+and counts what was refused (``privilege_refused``, ``xattr_refused``) or stripped
+(``setid_stripped``).
+
 Path confinement is hostfs's job (``openat`` per component with ``O_NOFOLLOW``); this
 module keeps each fid's path as a tuple of names and resolves ``..`` lexically, never
 above the share root (walking ``..`` from the root stays at the root, as 9P requires).
@@ -106,13 +112,16 @@ class _Root:
 
 
 class _Fid:
-    __slots__ = ("root", "path", "fd", "is_dir", "dirents", "xattr", "users", "clunked", "busy")
+    __slots__ = ("root", "path", "uid", "fd", "is_dir", "writing", "dirents", "xattr", "users", "clunked",
+                 "busy")
 
-    def __init__(self, root: _Root, path: hostfs.Path) -> None:
+    def __init__(self, root: _Root, path: hostfs.Path, uid: int) -> None:
         self.root = root
         self.path = path
+        self.uid = uid                    # the attaching user (n_uname), -1 if none given
         self.fd: int | None = None        # open file or directory (after Tlopen/Tlcreate)
         self.is_dir = False
+        self.writing = False              # opened for writing (Twrite is refused otherwise)
         self.dirents: list | None = None  # readdir snapshot
         self.xattr: bytes | None = None   # contents of an xattr fid (Txattrwalk)
         self.users = 0
@@ -245,6 +254,10 @@ class _Connection:
                 reply = await self._dispatch(mtype, body)
         except _Error as e:
             reply = (_RLERROR, e.code.to_bytes(4, "little"))
+        except hostfs.Refused as e:
+            self.stats["privilege_refused"] += 1
+            log.debug("9p: %s %s", NAMES.get(mtype, mtype), e.strerror)
+            reply = (_RLERROR, _linux_errno(e.errno).to_bytes(4, "little"))
         except OSError as e:
             reply = (_RLERROR, _linux_errno(e.errno).to_bytes(4, "little"))
         except MalformedMessage:
@@ -391,6 +404,19 @@ class _Connection:
             self.stats["erofs"] += 1
             raise _Error(errno.EROFS)
 
+    @staticmethod
+    def _owner(fid: _Fid, gid: int) -> hostfs.Owner:
+        """Who a new object made through ``fid`` belongs to: on an ``owners`` share the
+        attaching user and the gid the guest sent; elsewhere ``None`` (netkit's own
+        identity: the guest's gid is ignored, as any uid it might name)."""
+        if not fid.root.share.owners:
+            return None
+        return fid.uid, _uid(gid)
+
+    def _stripped(self, dropped: bool) -> None:
+        if dropped:
+            self.stats["setid_stripped"] += 1
+
     def _qid(self, st: os.stat_result) -> Qid:
         mode = st.st_mode
         qtype = QTDIR if statmod.S_ISDIR(mode) else QTSYMLINK if statmod.S_ISLNK(mode) else QTFILE
@@ -439,7 +465,7 @@ class _Connection:
                 os.close(fd)  # another attach opened it meanwhile
         else:
             st = await self._thread(os.stat, root.fd)
-        self._add_fid(f["fid"], _Fid(root, ()))
+        self._add_fid(f["fid"], _Fid(root, (), _uid(f["n_uname"])))
         return self._qid(st).pack()
 
     # ------------------------------------------------------------------ lookup
@@ -465,7 +491,7 @@ class _Connection:
         if newfid_no == f["fid"]:
             fid.path = path
         else:
-            self._add_fid(newfid_no, _Fid(fid.root, path))
+            self._add_fid(newfid_no, _Fid(fid.root, path, fid.uid))
         return len(qids).to_bytes(2, "little") + b"".join(self._qid(st).pack() for st in qids)
 
     # ------------------------------------------------------------------ attributes
@@ -489,9 +515,11 @@ class _Connection:
         fid = self._fid(f["fid"])
         self._writable(fid)
         with self._use(fid):
-            await self._thread(hostfs.setattr, fid.root.fd, fid.path, fid.fd, f["valid"], f["mode"],
-                               _uid(f["uid"]), _uid(f["gid"]), f["size"],
-                               (f["atime_sec"], f["atime_nsec"]), (f["mtime_sec"], f["mtime_nsec"]))
+            dropped = await self._thread(hostfs.setattr, fid.root.fd, fid.path, fid.fd, f["valid"], f["mode"],
+                                         _uid(f["uid"]), _uid(f["gid"]), f["size"],
+                                         (f["atime_sec"], f["atime_nsec"]), (f["mtime_sec"], f["mtime_nsec"]),
+                                         fid.root.share.owners)
+        self._stripped(dropped)
         return b""
 
     async def statfs(self, f: dict) -> bytes:
@@ -506,13 +534,17 @@ class _Connection:
         fid = self._fid(f["fid"])
         if f["name"]:
             raise _Error(errno.ENODATA)
-        xfid = _Fid(fid.root, fid.path)
+        xfid = _Fid(fid.root, fid.path, fid.uid)
         xfid.xattr = b""
         self._add_fid(f["newfid"], xfid)
         return (0).to_bytes(8, "little")
 
     async def xattrcreate(self, f: dict) -> bytes:
+        """Refused, on every share: ``security.capability`` would give a file the
+        capabilities of a set-user-ID root program, ``trusted.*`` and ``security.*``
+        are the host's, and ``system.posix_acl_*`` would grant access by ACL."""
         self._writable(self._fid(f["fid"]))
+        self.stats["xattr_refused"] += 1
         raise _Error(errno.EOPNOTSUPP)
 
     # ------------------------------------------------------------------ open, read, write
@@ -526,13 +558,15 @@ class _Connection:
         fid.busy = True
         try:
             with self._use(fid):
-                fd, st = await self._thread(hostfs.lopen, fid.root.fd, fid.path, f["flags"])
+                fd, st, dropped = await self._thread(hostfs.lopen, fid.root.fd, fid.path, f["flags"])
         finally:
             fid.busy = False
+        self._stripped(dropped)
         if fid.clunked:
             os.close(fd)
             raise _Error(errno.EBADF)
         fid.fd, fid.is_dir, fid.dirents = fd, statmod.S_ISDIR(st.st_mode), None
+        fid.writing = f["flags"] & 3 in (1, 2)
         return self._qid(st).pack() + (0).to_bytes(4, "little")
 
     async def lcreate(self, f: dict) -> bytes:
@@ -544,14 +578,16 @@ class _Connection:
         fid.busy = True
         try:
             with self._use(fid):
-                fd, st = await self._thread(hostfs.lcreate, fid.root.fd, fid.path, f["name"], f["flags"],
-                                            f["mode"])
+                fd, st, dropped = await self._thread(hostfs.lcreate, fid.root.fd, fid.path, f["name"],
+                                                     f["flags"], f["mode"], self._owner(fid, f["gid"]))
         finally:
             fid.busy = False
+        self._stripped(dropped)
         if fid.clunked:
             os.close(fd)
             raise _Error(errno.EBADF)
         fid.fd, fid.is_dir, fid.dirents, fid.path = fd, False, None, path
+        fid.writing = f["flags"] & 3 in (1, 2)
         return self._qid(st).pack() + (0).to_bytes(4, "little")
 
     async def read(self, f: dict) -> tuple[bytes, bytes]:
@@ -573,13 +609,16 @@ class _Connection:
     async def write(self, f: dict) -> bytes:
         fid = self._fid(f["fid"])
         self._writable(fid)
-        if fid.fd is None or fid.xattr is not None:
+        if fid.fd is None or fid.xattr is not None or not fid.writing:
+            # Not open for writing (as write(2) says): refused before hostfs would clear
+            # set-ID bits for a write that cannot happen.
             raise _Error(errno.EBADF)
         data = f["data"]
         if f["offset"] >= _MAX_OFFSET:
             raise _Error(errno.EINVAL)
         with self._use(fid):
-            n = await self._thread(_pwrite_all, fid.fd, data, f["offset"])
+            n, dropped = await self._thread(hostfs.pwrite_all, fid.fd, data, f["offset"])
+        self._stripped(dropped)
         return n.to_bytes(4, "little")
 
     async def readdir(self, f: dict) -> bytes:
@@ -639,21 +678,26 @@ class _Connection:
         d = self._fid(f["dfid"])
         self._writable(d)
         with self._use(d):
-            st = await self._thread(hostfs.mkdir, d.root.fd, d.path, f["name"], f["mode"])
+            st = await self._thread(hostfs.mkdir, d.root.fd, d.path, f["name"], f["mode"],
+                                    self._owner(d, f["gid"]))
+        self._stripped(bool(f["mode"] & hostfs.SETID_BITS))
         return self._qid(st).pack()
 
     async def symlink(self, f: dict) -> bytes:
         d = self._fid(f["fid"])
         self._writable(d)
         with self._use(d):
-            st = await self._thread(hostfs.symlink, d.root.fd, d.path, f["name"], f["symtgt"])
+            st = await self._thread(hostfs.symlink, d.root.fd, d.path, f["name"], f["symtgt"],
+                                    self._owner(d, f["gid"]))
         return self._qid(st).pack()
 
     async def mknod(self, f: dict) -> bytes:
         d = self._fid(f["dfid"])
         self._writable(d)
         with self._use(d):
-            st = await self._thread(hostfs.mknod, d.root.fd, d.path, f["name"], f["mode"])
+            st = await self._thread(hostfs.mknod, d.root.fd, d.path, f["name"], f["mode"],
+                                    self._owner(d, f["gid"]))
+        self._stripped(bool(f["mode"] & hostfs.SETID_BITS))
         return self._qid(st).pack()
 
     async def link(self, f: dict) -> bytes:
@@ -767,17 +811,6 @@ def _split_ns(ns: int) -> tuple[int, int]:
 
 def _uid(value: int) -> int:
     return -1 if value == 0xFFFFFFFF else value
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> int:
-    view = memoryview(data)
-    done = 0
-    while done < len(view):
-        n = os.pwrite(fd, view[done:], offset + done)
-        if n == 0:
-            break
-        done += n
-    return done
 
 
 async def serve_9p(stream: trio.abc.Stream, shares: Mapping[str, Share], *,
