@@ -187,6 +187,16 @@ class Config:
     #: vpnkit's ``--http`` JSON file (http, https, exclude, transparent_*_ports), watched
     #: for changes. Without it, HTTP_PROXY/HTTPS_PROXY/NO_PROXY of the netkit process apply.
     http_proxy_file: str | None = None
+    #: Most guest connections the proxy serves at once (explicit and transparent, all
+    #: guests); more get 503.
+    http_proxy_max_connections: int = 1024
+    #: Most of those one guest may hold, so one guest cannot keep the others on 503;
+    #: its own next ones get 503.
+    http_proxy_max_connections_per_guest: int = 64
+    #: Seconds a guest has to send a request line and headers, counted from its first
+    #: byte (from the connection for a first request) and not extended by bytes trickled
+    #: in: then 408 and close.
+    http_proxy_header_timeout: float = 30.0
 
     # --- persistence ---
     #: Where DHCP leases are kept across restarts (None: not kept). See netkit.state.
@@ -249,11 +259,11 @@ class Config:
             seen_keys.add(key)  # type: ignore[arg-type]
         for name in ("max_ports", "max_macs_per_port", "link_send_queue_bytes",
                      "max_connections", "max_connections_per_guest", "udp_max_flows", "icmp_max_flows",
-                     "reassembly_max_bytes"):
+                     "reassembly_max_bytes", "http_proxy_max_connections", "http_proxy_max_connections_per_guest"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1")
         for name in ("tcp_connect_timeout", "tcp_half_close_timeout", "udp_idle_timeout", "icmp_idle_timeout",
-                     "reassembly_timeout"):
+                     "reassembly_timeout", "http_proxy_header_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive")
         self._validate_shares()
@@ -427,10 +437,10 @@ def _coerce(name: str, value: Any) -> Any:
             return tuple(out)
         if name in ("http_proxy_port", "mtu", "lease_seconds", "max_ports", "max_macs_per_port", "link_send_queue_bytes",
                     "max_connections", "max_connections_per_guest", "udp_max_flows", "icmp_max_flows",
-                    "reassembly_max_bytes"):
+                    "reassembly_max_bytes", "http_proxy_max_connections", "http_proxy_max_connections_per_guest"):
             return int(value)
         if name in ("tcp_connect_timeout", "tcp_half_close_timeout", "offer_seconds", "decline_seconds",
-                    "udp_idle_timeout",
+                    "udp_idle_timeout", "http_proxy_header_timeout",
                     "icmp_idle_timeout", "reassembly_timeout"):
             return float(value)
         if name in ("host_loopback",):
