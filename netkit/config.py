@@ -193,9 +193,9 @@ class Config:
     #: Most of those one guest may hold, so one guest cannot keep the others on 503;
     #: its own next ones get 503.
     http_proxy_max_connections_per_guest: int = 64
-    #: Seconds a guest has to send a request line and headers, counted from its first
-    #: byte (from the connection for a first request) and not extended by bytes trickled
-    #: in: then 408 and close.
+    #: Seconds a guest has to send a request line and headers, counted from their first
+    #: byte and not extended by bytes trickled in: then 408 and close. A new connection
+    #: that sends nothing for this long is closed too.
     http_proxy_header_timeout: float = 30.0
 
     # --- persistence ---

@@ -272,6 +272,24 @@ async def test_upstream_proxy_is_not_contacted_for_a_denied_origin(gated, nurser
     assert upstream.connections == 1
 
 
+async def test_no_host_loopback_holds_for_loopback_addresses(origin, nursery):
+    """--no-host-loopback: the host is unreachable however the guest names it (before,
+    a SYN to 127.0.0.1 and a proxy request for http://127.0.0.1/ both reached it)."""
+    host = RecordingHost({"ok.test": ["127.0.0.1"]})
+    config = netkit.Config(dns_upstreams=("127.0.0.1:9",), allow=LOOPBACK_ONLY, host_loopback=False)
+    async with netkit.open_switch(config, host=host) as switch:
+        guest = await attach_guest(switch, nursery)
+        for address in (HOST_ALIAS, "127.0.0.1", "0.0.0.0"):
+            with pytest.raises(ConnectionRefusedError):
+                await guest.open_tcp_stream(address, origin.port)
+        for url in (f"http://127.0.0.1:{origin.port}/", f"http://ok.test:{origin.port}/",
+                    f"http://host.docker.internal:{origin.port}/", f"http://{HOST_ALIAS}:{origin.port}/"):
+            response = await exchange(guest, get(url))
+            assert status(response) == 502 and (b"not reachable" in response or b"loopback" in response), response
+        assert origin.connections == 0 and host.connects == []
+        assert switch.tcp_nat.counters["closed-port"] == 3
+
+
 # ----------------------------------------------------------------------------- attack 6 (proxy)
 async def trickle(guest: FakeGuest, started: trio.Event, result: list) -> None:
     """A request head sent one byte at a time, never finished; keeps the reply."""
