@@ -197,6 +197,9 @@ class Config:
     #: byte and not extended by bytes trickled in: then 408 and close. A new connection
     #: that sends nothing for this long is closed too.
     http_proxy_header_timeout: float = 30.0
+    #: Most origin-name lookups (the host's resolver, a bounded thread pool) one guest's
+    #: proxy requests may have in progress; more get 503 at once.
+    http_proxy_max_lookups_per_guest: int = 8
 
     # --- persistence ---
     #: Where DHCP leases are kept across restarts (None: not kept). See netkit.state.
@@ -259,7 +262,8 @@ class Config:
             seen_keys.add(key)  # type: ignore[arg-type]
         for name in ("max_ports", "max_macs_per_port", "link_send_queue_bytes",
                      "max_connections", "max_connections_per_guest", "udp_max_flows", "icmp_max_flows",
-                     "reassembly_max_bytes", "http_proxy_max_connections", "http_proxy_max_connections_per_guest"):
+                     "reassembly_max_bytes", "http_proxy_max_connections", "http_proxy_max_connections_per_guest",
+                     "http_proxy_max_lookups_per_guest"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1")
         for name in ("tcp_connect_timeout", "tcp_half_close_timeout", "udp_idle_timeout", "icmp_idle_timeout",
@@ -437,7 +441,8 @@ def _coerce(name: str, value: Any) -> Any:
             return tuple(out)
         if name in ("http_proxy_port", "mtu", "lease_seconds", "max_ports", "max_macs_per_port", "link_send_queue_bytes",
                     "max_connections", "max_connections_per_guest", "udp_max_flows", "icmp_max_flows",
-                    "reassembly_max_bytes", "http_proxy_max_connections", "http_proxy_max_connections_per_guest"):
+                    "reassembly_max_bytes", "http_proxy_max_connections", "http_proxy_max_connections_per_guest",
+                    "http_proxy_max_lookups_per_guest"):
             return int(value)
         if name in ("tcp_connect_timeout", "tcp_half_close_timeout", "offer_seconds", "decline_seconds",
                     "udp_idle_timeout", "http_proxy_header_timeout",

@@ -50,8 +50,9 @@ class Refused(Exception):
     """The gate will not open a host connection for a guest.
 
     ``reason`` is "denied" (the policy refused: the proxy answers 403), "unreachable"
-    (no such destination from a guest: the gateway, a disabled host alias, IPv6) or
-    "unresolved" (the name has no IPv4 address on the host)."""
+    (no such destination from a guest: the gateway, a disabled host alias, IPv6),
+    "unresolved" (the name has no IPv4 address on the host) or "busy" (the guest has too
+    many name lookups in progress: 503)."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)

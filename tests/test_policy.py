@@ -7,6 +7,7 @@ from ipaddress import IPv4Address
 
 import pytest
 import trio
+import trio.testing
 
 import netkit
 from netkit.policy import ALLOW, DENY, Decision, DnsRequest, FlowRequest, Policy, PolicyError, parse_rule
@@ -196,3 +197,37 @@ async def test_gate_proxy_streams_check_what_is_connected_to():
         await strict.open_proxy_stream(GUEST, "intranet.test", 80, upstream=("127.0.0.1", 3129))
     assert strict.host.connects == []
     assert strict.policy.counters["proxy-denied"] == 1 and strict.counters["proxy-denied"] == 1
+
+
+async def test_gate_bounds_name_lookups_per_guest():
+    """The host resolver is a bounded thread pool: one guest's slow names get 503 beyond
+    its share, and another guest's lookups still run."""
+    from netkit.policy import Refused
+
+    release = trio.Event()
+
+    class SlowHost(_TableHost):
+        async def resolve(self, name):
+            if name.startswith("slow"):
+                await release.wait()
+            return await super().resolve(name)
+
+    gate = _gate(http_proxy_max_lookups_per_guest=2)
+    gate.host = SlowHost({"fast.test": ["10.0.0.1"], "slow1.test": ["10.0.0.1"], "slow2.test": ["10.0.0.1"]})
+    other = IPv4Address("192.168.65.4")
+    async with trio.open_nursery() as nursery:
+        for name in ("slow1.test", "slow2.test"):
+            nursery.start_soon(lambda n=name: _expect_refused_connect(gate, n))
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(Refused) as info:
+            await gate.open_proxy_stream(GUEST, "fast.test", 80)
+        assert info.value.reason == "busy" and gate.counters["lookups-busy"] == 1
+        with pytest.raises(ConnectionRefusedError):  # resolved and allowed; the test host refuses
+            await gate.open_proxy_stream(other, "fast.test", 80)
+        release.set()
+    assert gate._lookups == {}
+
+
+async def _expect_refused_connect(gate, name):
+    with pytest.raises(ConnectionRefusedError):
+        await gate.open_proxy_stream(GUEST, name, 80)

@@ -561,6 +561,9 @@ class HttpProxy:
                 self._count("policy_denied")
                 log.info("http proxy: %s: %s", outbound.client, e.message)
                 raise _Fail(403, f"netkit proxy: {e.message}") from None
+            if e.reason == "busy":
+                self._count("lookups_busy")
+                raise _Fail(503, e.message) from None
             self._count("connect_errors")
             raise _Fail(502, e.message) from None
         except trio.TooSlowError:

@@ -69,6 +69,9 @@ class HostGate:
         self.host = host if host is not None else HostNetwork()
         #: Host connections opened and refused, by path ("proxy-connects", "proxy-denied"...).
         self.counters: collections.Counter[str] = collections.Counter()
+        #: Guest -> host name lookups it has in progress (the host resolver runs in a
+        #: bounded pool of threads: one guest's slow names must not hold all of them).
+        self._lookups: dict[IPv4Address, int] = {}
 
     # ------------------------------------------------------------------ NAT
     def route(self, protocol: str, guest: IPv4Address, destination: IPv4Address, port: int, *,
@@ -125,7 +128,7 @@ class HostGate:
         name = None if _literal(host) is not None else host.lower().rstrip(".")
         upstream_text = f"{upstream[0]}:{upstream[1]}" if upstream is not None else None
         try:
-            candidates = await self._origin_addresses(host)
+            candidates = await self._origin_addresses(guest, host)
         except Refused as refused:
             if upstream is None or refused.reason != "unresolved":
                 self._refused(via, refused.reason)
@@ -154,9 +157,9 @@ class HostGate:
     def _refused(self, via: str, reason: str) -> None:
         self.counters[f"{via}-{reason}"] += 1
 
-    async def _origin_addresses(self, host: str) -> list[tuple[IPv4Address, IPv4Address | None]]:
+    async def _origin_addresses(self, guest: IPv4Address, host: str) -> list[tuple[IPv4Address, IPv4Address | None]]:
         """(address as a guest sees it, real address to connect to) for each address
-        ``host`` stands for. Raises ``Refused`` ("unreachable", "unresolved")."""
+        ``host`` stands for. Raises ``Refused`` ("unreachable", "unresolved", "busy")."""
         config = self.config
         literal = _literal(host)
         if literal is None and host.lower().rstrip(".") in {n.lower() for n in config.host_names}:
@@ -169,10 +172,22 @@ class HostGate:
             if real is None:
                 raise Refused("unreachable", f"{host} is not reachable from the proxy")
             return [(view, real)]
+        held = self._lookups.get(guest, 0)
+        if held >= config.http_proxy_max_lookups_per_guest:
+            self.counters["lookups-busy"] += 1
+            raise Refused("busy", f"too many name lookups in progress for {guest} "
+                                  f"(limit {config.http_proxy_max_lookups_per_guest})")
+        self._lookups[guest] = held + 1
         try:
             addresses = await self.host.resolve(host)
         except OSError as e:
             raise Refused("unresolved", f"cannot resolve {host}: {e.strerror or e}") from None
+        finally:
+            remaining = self._lookups[guest] - 1
+            if remaining:
+                self._lookups[guest] = remaining
+            else:
+                del self._lookups[guest]
         if not addresses:
             raise Refused("unresolved", f"{host} has no IPv4 address")
         out = []

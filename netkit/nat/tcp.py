@@ -232,7 +232,8 @@ class TcpNat:
         conn = TcpConnection.from_syn(seg, now, settings)
         stack = self.stacks.get(ip.dst)
         if stack is None:
-            stack = self.stacks[ip.dst] = DestinationStack(ip.dst, route.address if route else IPv4Address(ip.dst))
+            real = route.address if route is not None else IPv4Address(ip.dst)
+            stack = self.stacks[ip.dst] = DestinationStack(ip.dst, real)
         flow = TcpFlow(self, port, src_mac, ip.src, tcp.src_port, ip.dst, tcp.dst_port, conn,
                        syn_quote=bytes(ip.buf[:ip.header_len + 8]), created=now)
         stack.flows[flow.key] = flow
