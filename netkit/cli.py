@@ -63,6 +63,12 @@ def add_switch_options(p: argparse.ArgumentParser) -> None:
                         "HTTP_PROXY/HTTPS_PROXY/NO_PROXY environment")
     g.add_argument("--http-proxy-port", type=int, metavar="PORT",
                    help="gateway port of the explicit proxy (default 3128; 0 turns it off)")
+    g.add_argument("--http-proxy-max-connections", type=int, metavar="N",
+                   help="most proxy connections at once, all guests (default 1024; more get 503)")
+    g.add_argument("--http-proxy-max-connections-per-guest", type=int, metavar="N",
+                   help="most proxy connections one guest may hold (default 64; its next get 503)")
+    g.add_argument("--http-proxy-header-timeout", type=float, metavar="SECONDS",
+                   help="a request line and headers must arrive within this (default 30; then 408)")
     g = p.add_argument_group("outbound policy")
     g.add_argument("--allow", action="append", default=[], metavar="[PROTO:]CIDR[:PORTS]",
                    help="only these destinations may be reached (repeatable); also lifts the default "
@@ -98,7 +104,8 @@ def build_config(args: argparse.Namespace) -> Config:
     overrides: dict[str, object] = {}
     for flag in ("subnet", "gateway_ip", "host_ip", "lowest_ip", "highest_ip", "mtu", "log_level",
                  "max_connections", "max_connections_per_guest", "tcp_connect_timeout", "udp_idle_timeout",
-                 "udp_max_flows", "state_file", "http_proxy_file", "http_proxy_port"):
+                 "udp_max_flows", "state_file", "http_proxy_file", "http_proxy_port", "http_proxy_max_connections",
+                 "http_proxy_max_connections_per_guest", "http_proxy_header_timeout"):
         value = getattr(args, flag, None)
         if value is not None:
             overrides[flag] = value

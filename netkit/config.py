@@ -217,6 +217,19 @@ class Config:
     #: vpnkit's ``--http`` JSON file (http, https, exclude, transparent_*_ports), watched
     #: for changes. Without it, HTTP_PROXY/HTTPS_PROXY/NO_PROXY of the netkit process apply.
     http_proxy_file: str | None = None
+    #: Most guest connections the proxy serves at once (explicit and transparent, all
+    #: guests); more get 503.
+    http_proxy_max_connections: int = 1024
+    #: Most of those one guest may hold, so one guest cannot keep the others on 503;
+    #: its own next ones get 503.
+    http_proxy_max_connections_per_guest: int = 64
+    #: Seconds a guest has to send a request line and headers, counted from their first
+    #: byte and not extended by bytes trickled in: then 408 and close. A new connection
+    #: that sends nothing for this long is closed too.
+    http_proxy_header_timeout: float = 30.0
+    #: Most origin-name lookups (the host's resolver, a bounded thread pool) one guest's
+    #: proxy requests may have in progress; more get 503 at once.
+    http_proxy_max_lookups_per_guest: int = 8
 
     # --- persistence ---
     #: Where DHCP leases are kept across restarts (None: not kept). See netkit.state.
@@ -279,11 +292,12 @@ class Config:
             seen_keys.add(key)  # type: ignore[arg-type]
         for name in ("max_ports", "max_macs_per_port", "link_send_queue_bytes",
                      "max_connections", "max_connections_per_guest", "udp_max_flows", "icmp_max_flows",
-                     "reassembly_max_bytes"):
+                     "reassembly_max_bytes", "http_proxy_max_connections", "http_proxy_max_connections_per_guest",
+                     "http_proxy_max_lookups_per_guest"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1")
         for name in ("tcp_connect_timeout", "tcp_half_close_timeout", "udp_idle_timeout", "icmp_idle_timeout",
-                     "reassembly_timeout"):
+                     "reassembly_timeout", "http_proxy_header_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive")
         self._validate_shares()
@@ -457,10 +471,11 @@ def _coerce(name: str, value: Any) -> Any:
             return tuple(out)
         if name in ("http_proxy_port", "mtu", "lease_seconds", "max_ports", "max_macs_per_port", "link_send_queue_bytes",
                     "max_connections", "max_connections_per_guest", "udp_max_flows", "icmp_max_flows",
-                    "reassembly_max_bytes"):
+                    "reassembly_max_bytes", "http_proxy_max_connections", "http_proxy_max_connections_per_guest",
+                    "http_proxy_max_lookups_per_guest"):
             return int(value)
         if name in ("tcp_connect_timeout", "tcp_half_close_timeout", "offer_seconds", "decline_seconds",
-                    "udp_idle_timeout",
+                    "udp_idle_timeout", "http_proxy_header_timeout",
                     "icmp_idle_timeout", "reassembly_timeout"):
             return float(value)
         if name in ("host_loopback",):

@@ -10,9 +10,17 @@ like ``80,443`` or ``1000-2000``):
 4. otherwise the flow is allowed.
 
 Library users may install ``policy.hook``: ``hook(request) -> Decision | None`` is asked
-about every new TCP/UDP/ICMP flow and every DNS query after the rules (None keeps the
-rules' answer). It runs when a flow is created, never per packet of an established
-flow. Refusals are counted by protocol in ``policy.counters``.
+about every host connection netkit opens for a guest and every DNS query, after the
+rules (None keeps the rules' answer). ``FlowRequest.via`` says which path asks: "nat"
+(TCP/UDP/ICMP NAT), "proxy" (the explicit HTTP proxy: absolute-form requests and
+CONNECT) or "transparent-proxy" (guest port 80/443 routed by Host header or TLS SNI);
+proxy requests carry the ``name`` the guest asked for, and ``upstream`` when the
+connection goes to an upstream proxy. It runs when a flow or host connection is
+created, never per packet of an established flow. Refusals are counted by protocol,
+and for proxy paths by path too, in ``policy.counters``.
+
+Every one of those questions comes from ``netkit.nat.gate.HostGate``, the one place
+host sockets for guests are made; ``Refused`` is what it raises when it will not.
 """
 
 from __future__ import annotations
@@ -23,11 +31,33 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Callable
 
-__all__ = ["Rule", "Decision", "FlowRequest", "DnsRequest", "Policy", "PolicyError", "parse_rule", "ALLOW", "DENY"]
+__all__ = ["Rule", "Decision", "FlowRequest", "DnsRequest", "Policy", "PolicyError", "Refused", "parse_rule",
+           "ALLOW", "DENY", "UNKNOWN_ADDRESS", "VIAS"]
 
 log = logging.getLogger("netkit.policy")
 
 PROTOCOLS = ("tcp", "udp", "icmp")
+#: The paths that open host connections for guests (``FlowRequest.via``).
+VIAS = ("nat", "proxy", "transparent-proxy")
+#: ``FlowRequest.destination`` when the address is not known: an origin name that does
+#: not resolve on the host, asked for through an upstream proxy (which resolves it).
+#: Only rules that cover 0.0.0.0 (``0.0.0.0/0``...) match it, so an allow list refuses
+#: such names and deny rules on specific networks do not.
+UNKNOWN_ADDRESS = IPv4Address("0.0.0.0")
+
+
+class Refused(Exception):
+    """The gate will not open a host connection for a guest.
+
+    ``reason`` is "denied" (the policy refused: the proxy answers 403), "unreachable"
+    (no such destination from a guest: the gateway, a disabled host alias, IPv6),
+    "unresolved" (the name has no IPv4 address on the host) or "busy" (the guest has too
+    many name lookups in progress: 503)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
 
 
 class PolicyError(ValueError):
@@ -98,8 +128,19 @@ DENY = Decision("deny")
 class FlowRequest:
     protocol: str  # "tcp", "udp" or "icmp"
     guest: IPv4Address
-    destination: IPv4Address  # as the guest addressed it (before NAT translation)
+    #: As the guest addressed it (before NAT translation). Proxy requests: the address
+    #: the name resolved to on the host, as a guest would see it (host loopback is the
+    #: host alias); ``UNKNOWN_ADDRESS`` for a name only an upstream proxy can resolve.
+    destination: IPv4Address
     port: int  # 0 for ICMP
+    #: Which path opens the connection: "nat", "proxy" or "transparent-proxy".
+    via: str = "nat"
+    #: The host name the guest asked the proxy for (None for NAT and IP literals).
+    name: str | None = None
+    #: The switch port (``Port.id``) the guest is attached to, when known.
+    switch_port: int | None = None
+    #: "host:port" of the upstream proxy the connection goes to instead (None: direct).
+    upstream: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,14 +159,21 @@ class Policy:
         self.hook: Callable[[FlowRequest | DnsRequest], Decision | None] | None = None
         self.counters: collections.Counter[str] = collections.Counter()
 
-    def check_flow(self, protocol: str, guest: IPv4Address, destination: IPv4Address, port: int) -> Decision:
+    def check_flow(self, protocol: str, guest: IPv4Address, destination: IPv4Address, port: int, *,
+                   via: str = "nat", name: str | None = None, switch_port: int | None = None,
+                   upstream: str | None = None) -> Decision:
         decision = self._rules(protocol, destination, port)
         if self.hook is not None:
-            decision = self._ask(FlowRequest(protocol, guest, destination, port), decision)
+            decision = self._ask(FlowRequest(protocol, guest, destination, port, via, name, switch_port, upstream),
+                                 decision)
         if decision.action == "deny":
             self.counters[f"{protocol}-denied"] += 1
+            if via != "nat":
+                self.counters[f"{via}-denied"] += 1
         elif decision.action == "redirect":
             self.counters[f"{protocol}-redirected"] += 1
+            if via != "nat":
+                self.counters[f"{via}-redirected"] += 1
         return decision
 
     def check_dns(self, guest: IPv4Address, name: str, qtype: str) -> Decision:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import errno
 import logging
 import os
 import time
@@ -16,11 +15,12 @@ import trio
 from .config import Config
 from .dns.server import DnsService
 from .files import serve_9p
-from .http_proxy import HttpProxy, ProxySettings
+from .http_proxy import GateConnector, HttpProxy, ProxySettings
 from .ntp import SntpServer
 from .forward import PortForwarder, parse_forward_spec
 from .gateway import Gateway
-from .nat.host import HostNetwork, translate_destination
+from .nat.gate import HostGate
+from .nat.host import HostNetwork
 from .nat.icmp import IcmpNat
 from .nat.tcp import TcpNat
 from .nat.udp import UdpNat
@@ -92,30 +92,24 @@ def _start_9p(config: Config, switch: Switch) -> None:
     switch.tcp_nat.register_service(NINEP_PORT, serve)
 
 
-async def _start_http_proxy(config: Config, switch: Switch, nursery: trio.Nursery) -> HttpProxy:
+async def _start_http_proxy(config: Config, switch: Switch, nursery: trio.Nursery, gate: HostGate) -> HttpProxy:
     """The HTTP proxy on the gateway (explicit on ``http_proxy_port``; transparent for
-    the ports its settings list). Names and addresses that mean the host reach the host's
-    loopback and never go through an upstream proxy."""
+    the ports its settings list). Every connection it makes goes through ``gate`` with
+    the guest's identity, like NAT's (names that mean the host reach the host's loopback,
+    as the host alias, and never go through an upstream proxy)."""
     host_names = set(config.host_names) | {str(config.host_ip)}
 
-    async def connect(host: str, port: int) -> trio.abc.Stream:
-        target = host
-        if host.lower().rstrip(".") in host_names:
-            target = "127.0.0.1" if config.host_loopback else host
-        else:
-            try:
-                real = translate_destination(config, IPv4Address(host))
-            except ValueError:
-                real = IPv4Address(0)  # a name: the host's resolver finds it
-            if real is None:
-                raise OSError(errno.EHOSTUNREACH, f"{host} is not reachable from the proxy")
-            if real != IPv4Address(0):
-                target = str(real)
-        return await trio.open_tcp_stream(target, port)
+    def port_of(guest: IPv4Address) -> int | None:
+        mac = switch.gateway.mac_for_ip(guest.packed)
+        port = switch.port_for_mac(mac) if mac is not None else None
+        return port.id if port is not None else None
 
     settings = ProxySettings.from_environment(os.environ)
-    settings = dataclasses.replace(settings, direct=tuple(sorted(host_names)))
-    proxy = HttpProxy(settings, connect=connect)
+    settings = dataclasses.replace(
+        settings, direct=tuple(sorted(host_names)), max_connections=config.http_proxy_max_connections,
+        max_connections_per_client=config.http_proxy_max_connections_per_guest,
+        header_timeout=config.http_proxy_header_timeout)
+    proxy = HttpProxy(settings, connect=GateConnector(gate, port_of))
     if config.http_proxy_file:
         await nursery.start(proxy.watch_file, config.http_proxy_file)
     switch.tcp_nat.register_service(config.http_proxy_port, proxy.handle_client)
@@ -159,16 +153,18 @@ async def open_switch(config: Config | None = None, *, host: HostNetwork | None 
         async with trio.open_nursery() as nursery:
             switch = Switch(config, nursery)
             gateway = Gateway(config, switch, trio.current_time)
-            switch.tcp_nat = TcpNat(config, gateway, nursery, host)
-            switch.udp_nat = UdpNat(config, gateway, nursery, host)
-            switch.icmp_nat = IcmpNat(config, gateway, nursery, host)
+            # The one way out for every guest flow and proxy connection.
+            gate = HostGate(config, switch.policy, host)
+            switch.tcp_nat = TcpNat(config, gateway, nursery, gate=gate)
+            switch.udp_nat = UdpNat(config, gateway, nursery, gate=gate)
+            switch.icmp_nat = IcmpNat(config, gateway, nursery, gate=gate)
             switch.forwarder = PortForwarder(switch, nursery)
             switch.dns = _start_dns(config, switch, nursery)
             switch.sntp = _start_sntp(switch)
             if config.shares:
                 _start_9p(config, switch)
             if config.http_proxy_port:
-                switch.http_proxy = await _start_http_proxy(config, switch, nursery)
+                switch.http_proxy = await _start_http_proxy(config, switch, nursery, gate)
             if config.state_file:
                 _keep_lease_state(config, gateway, nursery)
             try:

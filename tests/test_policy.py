@@ -7,6 +7,7 @@ from ipaddress import IPv4Address
 
 import pytest
 import trio
+import trio.testing
 
 import netkit
 from netkit.policy import ALLOW, DENY, Decision, DnsRequest, FlowRequest, Policy, PolicyError, parse_rule
@@ -114,3 +115,119 @@ except OSError as e:
             assert dig.stdout.decode().strip() == "10.20.30.40"
         listener.close()
         assert policy.counters["icmp-denied"] == 1 and policy.counters["dns-redirect"] == 1
+
+
+# ----------------------------------------------------------------------------- the gate
+class _TableHost(netkit.nat.host.HostNetwork):
+    """Names from a table; records connects and never makes one."""
+
+    def __init__(self, names):
+        self.names = names
+        self.connects = []
+
+    async def resolve(self, name):
+        if name not in self.names:
+            import socket
+            raise socket.gaierror(socket.EAI_NONAME, "not in the test table")
+        return [IPv4Address(a) for a in self.names[name]]
+
+    async def connect_tcp(self, address, port):
+        self.connects.append((str(address), port))
+        raise ConnectionRefusedError(111, "test host")
+
+
+GUEST = IPv4Address("192.168.65.3")
+
+
+def _gate(names=None, **config):
+    from netkit.nat.gate import HostGate
+
+    cfg = netkit.Config(dns_upstreams=("127.0.0.1:9",), **config)
+    return HostGate(cfg, Policy(cfg.allow, cfg.deny, cfg.default_deny), _TableHost(names or {}))
+
+
+def test_flow_request_stays_compatible():
+    request = FlowRequest("tcp", GUEST, IPv4Address("10.0.0.1"), 80)
+    assert (request.via, request.name, request.switch_port, request.upstream) == ("nat", None, None, None)
+
+
+def test_gate_routes_translate_then_ask_the_policy():
+    from netkit.nat.gate import DENIED, UNREACHABLE, Route
+
+    gate = _gate(deny=("tcp:192.168.65.2/32:22",), nat=((IPv4Address("192.168.65.9"), IPv4Address("10.9.9.9")),))
+    assert gate.route("tcp", GUEST, IPv4Address("192.168.65.2"), 80) == Route(IPv4Address("127.0.0.1"), 80)
+    assert gate.route("tcp", GUEST, IPv4Address("192.168.65.2"), 22) is DENIED
+    assert gate.route("udp", GUEST, IPv4Address("192.168.65.9"), 53) == Route(IPv4Address("10.9.9.9"), 53)
+    assert gate.route("tcp", GUEST, IPv4Address("169.254.169.254"), 80) is DENIED
+    # Loopback, 0.0.0.0 and the gateway addressed by a guest reach nothing.
+    for address in ("127.0.0.1", "127.1.2.3", "0.0.0.0", "192.168.65.1"):
+        assert gate.route("tcp", GUEST, IPv4Address(address), 80) is UNREACHABLE
+    gate.policy.hook = lambda r: Decision.redirect("127.0.0.1", 8080) if r.port == 81 else None
+    assert gate.route("tcp", GUEST, IPv4Address("10.0.0.1"), 81) == Route(IPv4Address("127.0.0.1"), 8080, True)
+    assert _gate(host_loopback=False).route("tcp", GUEST, IPv4Address("192.168.65.2"), 80) is UNREACHABLE
+
+
+async def test_gate_proxy_streams_check_what_is_connected_to():
+    from netkit.policy import Refused
+
+    gate = _gate({"multi.test": ["10.0.0.1", "169.254.169.254"], "ok.test": ["10.0.0.1", "10.0.0.2"]})
+
+    async def refused(host, port=80, **kw):
+        with pytest.raises(Refused) as info:
+            await gate.open_proxy_stream(GUEST, host, port, **kw)
+        return info.value.reason
+
+    assert await refused("multi.test") == "denied"
+    assert await refused("[fe80::1]") == "unreachable"
+    assert await refused("192.168.65.1") == "unreachable"
+    assert await refused("nowhere.test") == "unresolved"
+    assert gate.host.connects == []
+    # Every address that passed is tried, in order; none that did not.
+    with pytest.raises(ConnectionRefusedError):
+        await gate.open_proxy_stream(GUEST, "ok.test", 80)
+    assert gate.host.connects == [("10.0.0.1", 80), ("10.0.0.2", 80)]
+    # Upstream: a name the host cannot resolve is asked as 0.0.0.0; the upstream is
+    # connected to only when the origin passes.
+    gate.host.connects.clear()
+    with pytest.raises(ConnectionRefusedError):
+        await gate.open_proxy_stream(GUEST, "intranet.test", 80, upstream=("127.0.0.1", 3129))
+    assert gate.host.connects == [("127.0.0.1", 3129)]
+    strict = _gate({}, allow=("10.0.0.0/8",))
+    with pytest.raises(Refused):
+        await strict.open_proxy_stream(GUEST, "intranet.test", 80, upstream=("127.0.0.1", 3129))
+    assert strict.host.connects == []
+    assert strict.policy.counters["proxy-denied"] == 1 and strict.counters["proxy-denied"] == 1
+
+
+async def test_gate_bounds_name_lookups_per_guest():
+    """The host resolver is a bounded thread pool: one guest's slow names get 503 beyond
+    its share, and another guest's lookups still run."""
+    from netkit.policy import Refused
+
+    release = trio.Event()
+
+    class SlowHost(_TableHost):
+        async def resolve(self, name):
+            if name.startswith("slow"):
+                await release.wait()
+            return await super().resolve(name)
+
+    gate = _gate(http_proxy_max_lookups_per_guest=2)
+    gate.host = SlowHost({"fast.test": ["10.0.0.1"], "slow1.test": ["10.0.0.1"], "slow2.test": ["10.0.0.1"]})
+    other = IPv4Address("192.168.65.4")
+    async with trio.open_nursery() as nursery:
+        for name in ("slow1.test", "slow2.test"):
+            nursery.start_soon(lambda n=name: _expect_refused_connect(gate, n))
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(Refused) as info:
+            await gate.open_proxy_stream(GUEST, "fast.test", 80)
+        assert info.value.reason == "busy" and gate.counters["lookups-busy"] == 1
+        with pytest.raises(ConnectionRefusedError):  # resolved and allowed; the test host refuses
+            await gate.open_proxy_stream(other, "fast.test", 80)
+        release.set()
+    assert gate._lookups == {}
+
+
+async def _expect_refused_connect(gate, name):
+    with pytest.raises(ConnectionRefusedError):
+        await gate.open_proxy_stream(GUEST, name, 80)

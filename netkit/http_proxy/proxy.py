@@ -2,8 +2,11 @@
 
 ``HttpProxy`` works on trio streams only; the gateway hands it a guest TCP connection
 (terminated by netkit's TCP engine) and it opens outbound connections through an
-injectable ``connect(host, port)``. See ``netkit/http_proxy/__init__.py`` for the list
-of behaviours.
+injectable ``connect(host, port, outbound)``: by default ``GateConnector``, which goes
+through ``netkit.nat.gate.HostGate`` (translation, the outbound policy with the guest's
+identity, the host socket) like every other connection netkit makes for a guest. A
+policy refusal is answered 403. See ``netkit/http_proxy/__init__.py`` for the list of
+behaviours.
 """
 
 from __future__ import annotations
@@ -20,16 +23,35 @@ from dataclasses import dataclass
 import h11
 import trio
 
+from ..policy import Refused
 from ._streams import (STREAM_ERRORS, OriginPool, Peer, PeerGone, PeerTimeout, RECV_SIZE,
                        lingering_close, splice)
 from .settings import ConfigError, ProxySettings, Upstream
 from .sni import MAX_CLIENT_HELLO, SniStatus, parse_client_hello_untrusted
 
-__all__ = ["HttpProxy", "Connector"]
+__all__ = ["HttpProxy", "Connector", "Outbound", "GateConnector"]
 
 log = logging.getLogger("netkit.http_proxy")
 
-Connector = Callable[[str, int], Awaitable[trio.abc.Stream]]
+
+@dataclass(frozen=True, slots=True)
+class Outbound:
+    """What an outbound connection of the proxy is for, handed to the connector."""
+
+    #: The guest (client) the connection is made for: (address, port).
+    client: tuple
+    #: "proxy" (the explicit port) or "transparent-proxy".
+    via: str
+    #: The origin the guest asked for, host as it named it (a name or an IP literal).
+    origin: tuple[str, int]
+    #: The upstream proxy the connection goes to instead of the origin, or None.
+    upstream: "Upstream | None" = None
+
+
+#: ``await connect(host, port, outbound)``: a stream to ``host:port`` (the origin, or the
+#: upstream proxy) for ``outbound``. Raise ``netkit.policy.Refused`` to refuse (403 when
+#: its reason is "denied"), ``OSError`` when the connection fails (502).
+Connector = Callable[[str, int, Outbound], Awaitable[trio.abc.Stream]]
 
 VIA = b"1.1 netkit"
 #: A request that already went through netkit this many times is a loop.
@@ -52,6 +74,10 @@ class _Fail(Exception):
 
 class _Abort(Exception):
     """The exchange cannot go on and no error response is possible: close."""
+
+
+class _HeadTimeout(Exception):
+    """The client did not complete a request head within ``header_timeout``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,8 +270,10 @@ class HttpProxy:
         self._settings = settings if settings is not None else ProxySettings()
         if not isinstance(self._settings, ProxySettings):
             raise TypeError("settings must be a ProxySettings")
-        self._connect: Connector = connect if connect is not None else _default_connect
+        self._connect: Connector = connect if connect is not None else GateConnector()
         self._active = 0
+        #: Client address -> connections it holds (its share of ``max_connections``).
+        self._per_client: dict[object, int] = {}
         self._stats: dict[str, int] = {}
 
     # --- configuration and observability ------------------------------------------
@@ -269,6 +297,7 @@ class HttpProxy:
     def statistics(self) -> dict:
         out = dict(self._stats)
         out["active_connections"] = self._active
+        out["active_clients"] = len(self._per_client)
         return out
 
     def load_file(self, path: str | os.PathLike) -> ProxySettings:
@@ -328,15 +357,25 @@ class HttpProxy:
 
     async def _session(self, stream, client, dst, tls: bool) -> None:
         settings = self._settings
-        if self._active >= settings.max_connections:
+        # One guest's share: the client address (a guest's leased IP) is its identity.
+        who = client[0] if isinstance(client, tuple) and client else client
+        held = self._per_client.get(who, 0)
+        limit = None
+        if held >= settings.max_connections_per_client:
+            self._count("rejected_client_busy")
+            limit = f"{held} connections from {who} (limit {settings.max_connections_per_client} per client)"
+        elif self._active >= settings.max_connections:
             self._count("rejected_busy")
-            log.warning("http proxy: %d connections open, refusing %s", self._active, client)
+            limit = f"{self._active} connections (limit {settings.max_connections})"
+        if limit is not None:
+            log.warning("http proxy: %s open, refusing %s", limit, client)
             if tls:
                 await trio.aclose_forcefully(stream)
             else:
-                await self._reject_busy(stream, settings)
+                await self._reject_busy(stream, limit)
             return
         self._active += 1
+        self._per_client[who] = held + 1
         self._count("connections")
         try:
             if tls:
@@ -348,11 +387,15 @@ class HttpProxy:
             log.exception("http proxy: unexpected error serving %s", client)
         finally:
             self._active -= 1
+            remaining = self._per_client[who] - 1
+            if remaining:
+                self._per_client[who] = remaining
+            else:
+                del self._per_client[who]
             await trio.aclose_forcefully(stream)
 
-    async def _reject_busy(self, stream, settings: ProxySettings) -> None:
-        body = (f"netkit proxy: too many connections (limit {settings.max_connections}); "
-                "try again later\n").encode()
+    async def _reject_busy(self, stream, limit: str) -> None:
+        body = f"netkit proxy: too many connections ({limit}); try again later\n".encode()
         head = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
                 b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n"
                 b"Via: " + VIA + b"\r\nRetry-After: 1\r\n\r\n")
@@ -382,17 +425,26 @@ class HttpProxy:
     async def _http_loop(self, cp: Peer, client, dst, pool: OriginPool) -> bool:
         """Serve requests until the connection ends; True to close with lingering."""
         conn = cp.conn
+        first = True
         while True:
             settings = self._settings
             try:
-                event = await cp.next_event(timeout=settings.idle_timeout)
+                event = await self._next_request(cp, settings, first)
             except h11.RemoteProtocolError as e:
                 self._count("bad_requests")
                 log.info("http proxy: malformed request from %s: %s", client, e)
                 await self._send_error(cp, e.error_status_hint, f"malformed request: {e}")
                 return True
+            except _HeadTimeout:
+                self._count("header_timeouts")
+                log.info("http proxy: %s did not send a complete request head within %gs",
+                         client, settings.header_timeout)
+                await self._send_error(cp, 408, f"the request line and headers did not arrive within "
+                                                f"{settings.header_timeout:g}s")
+                return True
             except (PeerGone, PeerTimeout):
                 return False
+            first = False
             if type(event) is not h11.Request:
                 return False  # ConnectionClosed (or PAUSED, which cannot happen here)
             try:
@@ -405,6 +457,36 @@ class HttpProxy:
             # The response went out but the request body was not read: close gently.
             return (conn.our_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
                     and conn.their_state is h11.SEND_BODY)
+
+    async def _next_request(self, cp: Peer, settings: ProxySettings, first: bool):
+        """The next request head (or the end of the connection).
+
+        Waiting for its first byte: at most ``idle_timeout`` between requests, and no
+        longer than ``header_timeout`` for the first one (then a quiet close). From the
+        first byte on, the whole head must arrive within ``header_timeout``
+        (``_HeadTimeout``): a deadline, so bytes trickled one at a time cannot hold the
+        connection open (h11 already bounds the head to ``max_header_bytes``)."""
+        conn = cp.conn
+        deadline = None
+        while True:
+            event = conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            now = trio.current_time()
+            if deadline is None and conn.trailing_data[0]:
+                deadline = now + settings.header_timeout  # part of the head is already here
+            if deadline is None:
+                wait = min(settings.idle_timeout, settings.header_timeout) if first else settings.idle_timeout
+                data = await cp.receive(wait)
+                deadline = trio.current_time() + settings.header_timeout
+            else:
+                if now >= deadline:
+                    raise _HeadTimeout()
+                try:
+                    data = await cp.receive(deadline - now)
+                except PeerTimeout:
+                    raise _HeadTimeout() from None
+            conn.receive_data(data)
 
     async def _handle_request(self, cp: Peer, req: h11.Request, client, dst,
                               pool: OriginPool, settings: ProxySettings) -> None:
@@ -441,7 +523,9 @@ class HttpProxy:
         upstream = settings.upstream_for(target.host, target.port, tls=False)
         log.debug("http proxy: %s %s http://%s%s via %s", client, req.method.decode("latin-1"),
                   target.authority, target.path.decode("latin-1"), upstream or "direct")
-        await self._forward(cp, req, target, upstream, has_body, pool, settings)
+        via = "proxy" if dst is None else "transparent-proxy"
+        await self._forward(cp, req, target, upstream, has_body, pool, settings, Outbound(
+            client, via, (target.host, target.port), upstream))
 
     async def _send_error(self, cp: Peer, status: int, message: str) -> None:
         """Answer with ``status`` if no response has started (else nothing)."""
@@ -468,10 +552,20 @@ class HttpProxy:
             pass
 
     async def _open_stream(self, host: str, port: int, settings: ProxySettings,
-                           label: str) -> trio.abc.Stream:
+                           label: str, outbound: Outbound) -> trio.abc.Stream:
         try:
             with trio.fail_after(settings.connect_timeout):
-                return await self._connect(host, port)
+                return await self._connect(host, port, outbound)
+        except Refused as e:
+            if e.reason == "denied":
+                self._count("policy_denied")
+                log.info("http proxy: %s: %s", outbound.client, e.message)
+                raise _Fail(403, f"netkit proxy: {e.message}") from None
+            if e.reason == "busy":
+                self._count("lookups_busy")
+                raise _Fail(503, e.message) from None
+            self._count("connect_errors")
+            raise _Fail(502, e.message) from None
         except trio.TooSlowError:
             self._count("connect_timeouts")
             raise _Fail(504, f"timed out after {settings.connect_timeout:g}s connecting to {label}") from None
@@ -481,7 +575,7 @@ class HttpProxy:
 
     async def _forward(self, cp: Peer, req: h11.Request, target: _Target,
                        upstream: Upstream | None, has_body: bool, pool: OriginPool,
-                       settings: ProxySettings) -> None:
+                       settings: ProxySettings, outbound: Outbound) -> None:
         headers = [(b"Host", target.authority.encode("ascii"))] + _end_to_end(req.headers)
         chunked, length = _framing(req.headers)
         if chunked:
@@ -492,7 +586,9 @@ class HttpProxy:
         if upstream is not None:
             if upstream.authorization:
                 headers.append((b"Proxy-Authorization", upstream.authorization))
-            key = upstream.key
+            # Per origin: the policy was asked about this origin when the connection
+            # was made, so a pooled one never carries a request for another origin.
+            key = (*upstream.key, target.host, target.port)
             out_target = target.absolute
             label = f"upstream proxy {upstream}"
         else:
@@ -507,9 +603,11 @@ class HttpProxy:
             if origin is None:
                 try:
                     if upstream is not None:
-                        stream = await self._open_stream(upstream.host, upstream.port, settings, label)
+                        stream = await self._open_stream(upstream.host, upstream.port, settings, label,
+                                                         outbound)
                     else:
-                        stream = await self._open_stream(target.host, target.port, settings, label)
+                        stream = await self._open_stream(target.host, target.port, settings, label,
+                                                         outbound)
                 except _Fail as f:
                     log.info("http proxy: %s", f.message)
                     await self._send_error(cp, f.status, f.message)
@@ -698,7 +796,8 @@ class HttpProxy:
         upstream = settings.upstream_for(host, port, tls=True)
         log.debug("http proxy: %s CONNECT %s:%d via %s", client, host, port, upstream or "direct")
         try:
-            remote, leftover = await self._open_tunnel(host, port, upstream, settings)
+            remote, leftover = await self._open_tunnel(host, port, upstream, settings,
+                                                       Outbound(client, "proxy", (host, port), upstream))
         except _Fail as f:
             log.info("http proxy: CONNECT %s:%d: %s", host, port, f.message)
             await self._send_error(cp, f.status, f.message)
@@ -714,14 +813,14 @@ class HttpProxy:
             await trio.aclose_forcefully(remote)
 
     async def _open_tunnel(self, host: str, port: int, upstream: Upstream | None,
-                           settings: ProxySettings) -> tuple[trio.abc.Stream, bytes]:
+                           settings: ProxySettings, outbound: Outbound) -> tuple[trio.abc.Stream, bytes]:
         """A byte stream to ``host:port``, direct or through ``upstream`` (CONNECT);
         plus bytes the upstream already sent past its response."""
         authority = _authority(host, port)
         if upstream is None:
-            return await self._open_stream(host, port, settings, authority), b""
+            return await self._open_stream(host, port, settings, authority, outbound), b""
         label = f"upstream proxy {upstream}"
-        stream = await self._open_stream(upstream.host, upstream.port, settings, label)
+        stream = await self._open_stream(upstream.host, upstream.port, settings, label, outbound)
         ok = False
         try:
             peer = Peer(stream, h11.Connection(
@@ -791,8 +890,10 @@ class HttpProxy:
         log.debug("http proxy: %s TLS %s:%d (sni %s) via %s", client, host, port,
                   result.status.value, upstream or "direct")
         try:
-            remote, leftover = await self._open_tunnel(host, port, upstream, settings)
+            remote, leftover = await self._open_tunnel(
+                host, port, upstream, settings, Outbound(client, "transparent-proxy", (host, port), upstream))
         except _Fail as f:
+            # No HTTP here to answer with: the guest sees the connection close.
             log.info("http proxy: transparent TLS to %s:%d: %s", host, port, f.message)
             return
         try:
@@ -803,6 +904,33 @@ class HttpProxy:
             await trio.aclose_forcefully(remote)
 
 
-async def _default_connect(host: str, port: int) -> trio.abc.Stream:
-    return await trio.open_tcp_stream(host, port)
+class GateConnector:
+    """The proxy's way out: every connection goes through ``HostGate.open_proxy_stream``
+    with the guest's address, the path (``via``) and the origin it asked for.
+
+    ``port_of(guest_ip)`` may give the guest's switch port id for the policy hook. Built
+    without a gate (a proxy used on its own, outside a switch), it uses one with the
+    default ``Config`` and policy, so the cloud metadata address stays refused."""
+
+    def __init__(self, gate=None, port_of: Callable[[ipaddress.IPv4Address], int | None] | None = None) -> None:
+        if gate is None:
+            from ..config import Config
+            from ..nat.gate import HostGate
+            from ..policy import Policy
+
+            config = Config()
+            gate = HostGate(config, Policy(config.allow, config.deny, config.default_deny))
+        self.gate = gate
+        self.port_of = port_of
+
+    async def __call__(self, host: str, port: int, outbound: Outbound) -> trio.abc.Stream:
+        try:
+            guest = ipaddress.IPv4Address(str(outbound.client[0]))
+        except (ValueError, IndexError, TypeError):
+            raise Refused("denied", f"no IPv4 identity for client {outbound.client!r}") from None
+        switch_port = self.port_of(guest) if self.port_of is not None else None
+        upstream = (host, port) if outbound.upstream is not None else None
+        return await self.gate.open_proxy_stream(
+            guest, outbound.origin[0], outbound.origin[1], via=outbound.via, upstream=upstream,
+            switch_port=switch_port)
 

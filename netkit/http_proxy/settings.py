@@ -243,12 +243,19 @@ class ProxySettings:
     #: Seconds a client connection may sit between requests, and most seconds without
     #: progress while a body is moving, before the connection is closed.
     idle_timeout: float = 300.0
+    #: Seconds from the first byte of a request to the end of its headers (a deadline,
+    #: not reset by each byte); then 408 and close. Also the longest wait for the first
+    #: request of a new connection.
+    header_timeout: float = 30.0
     #: Seconds an idle origin connection is kept for reuse.
     pool_idle_timeout: float = 30.0
     #: Seconds to wait for a TLS ClientHello in transparent mode (then use the IP).
     sni_timeout: float = 10.0
     #: Most client connections handled at once; more get 503.
     max_connections: int = 1024
+    #: Most of those one client (guest address) may hold; its next ones get 503 while
+    #: other clients are still served.
+    max_connections_per_client: int = 64
     #: Most bytes of a request or response head (request line + headers); then 431/502.
     max_header_bytes: int = 64 * 1024
 
@@ -277,7 +284,7 @@ class ProxySettings:
         put("_https", Upstream.parse(self.https, "https") if self.https else None)
         put("_exclude", HostPatterns(self.exclude + self.direct, "exclude"))
         put("_allow", HostPatterns(self.allow, "allow") if self.allow is not None else None)
-        for name in ("connect_timeout", "response_timeout", "idle_timeout",
+        for name in ("connect_timeout", "response_timeout", "idle_timeout", "header_timeout",
                      "pool_idle_timeout", "sni_timeout"):
             try:
                 value = float(getattr(self, name))
@@ -286,7 +293,7 @@ class ProxySettings:
             if not value > 0:
                 raise ConfigError(f"{name}: must be positive")
             put(name, value)
-        for name, low in (("max_connections", 1), ("max_header_bytes", 1024)):
+        for name, low in (("max_connections", 1), ("max_connections_per_client", 1), ("max_header_bytes", 1024)):
             try:
                 value = int(getattr(self, name))
             except (TypeError, ValueError):

@@ -1,22 +1,33 @@
 """The host side of NAT: where a guest's destination really is, and how to reach it.
 
-``HostNetwork`` is the one place that creates host sockets for guest flows, so tests can
-inject a subclass that simulates refused, unreachable and slow hosts.
+``HostNetwork`` is the one place that creates host sockets for guest flows (and
+resolves names for the HTTP proxy), so tests can inject a subclass that simulates
+refused, unreachable and slow hosts, or a resolver they control. Nothing calls it
+directly for a guest: ``netkit.nat.gate.HostGate`` translates, asks the policy, and
+only then uses it.
 """
 
 from __future__ import annotations
 
 import errno
 import socket
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
 
 import trio
 
 from ..config import Config
 
-__all__ = ["HostNetwork", "translate_destination", "translate_source", "LOOPBACK"]
+__all__ = ["HostNetwork", "translate_destination", "translate_source", "is_host_local", "LOOPBACK"]
 
 LOOPBACK = IPv4Address("127.0.0.1")
+_LOOPBACK_NET = IPv4Network("127.0.0.0/8")
+_THIS_NET = IPv4Network("0.0.0.0/8")
+
+
+def is_host_local(address: IPv4Address) -> bool:
+    """Whether a host socket to ``address`` would reach the host itself: loopback, and
+    0.0.0.0/8 (a connect to 0.0.0.0 lands on the host's own listeners)."""
+    return address in _LOOPBACK_NET or address in _THIS_NET
 
 
 def translate_destination(config: Config, dst: IPv4Address) -> IPv4Address | None:
@@ -24,14 +35,16 @@ def translate_destination(config: Config, dst: IPv4Address) -> IPv4Address | Non
 
     The host alias maps to host loopback (unless ``host_loopback`` is off), the NAT table
     maps its virtual IPs, the gateway itself is not a NAT destination, and every other
-    address is itself.
+    address is itself -- except loopback and 0.0.0.0/8, which from a guest never mean
+    the host (a guest reaches the host only as the host alias, so ``--no-host-loopback``
+    and rules on the alias cannot be side-stepped by addressing 127.0.0.1).
     """
     if dst == config.host_ip:
         return LOOPBACK if config.host_loopback else None
     for virtual, real in config.nat:
         if dst == virtual:
             return real
-    if dst == config.gateway_ip:
+    if dst == config.gateway_ip or is_host_local(dst):
         return None
     return dst
 
@@ -53,13 +66,15 @@ class HostNetwork:
     tcp_sndbuf: int | None = None
     tcp_rcvbuf: int | None = None
 
-    async def connect_tcp(self, address: IPv4Address, port: int) -> socket.socket:
+    async def connect_tcp(self, address: IPv4Address | IPv6Address, port: int) -> socket.socket:
         """A connected, non-blocking TCP socket to ``address:port``.
 
         Raises ``OSError`` with the connect error (ECONNREFUSED, EHOSTUNREACH, ...). The
-        caller applies the timeout by cancelling.
+        caller applies the timeout by cancelling. (IPv6 only for an operator's upstream
+        proxy: guest destinations are IPv4.)
         """
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -79,6 +94,18 @@ class HostNetwork:
         except BaseException:
             sock.close()
             raise
+
+    async def resolve(self, name: str) -> list[IPv4Address]:
+        """The host's IPv4 addresses for ``name`` (the host's resolver: getaddrinfo), in
+        its order, without duplicates. Raises ``OSError`` (``socket.gaierror``) when the
+        name does not resolve. Only IPv4: the outbound policy and NAT are IPv4."""
+        infos = await trio.socket.getaddrinfo(name, None, family=socket.AF_INET, type=socket.SOCK_STREAM)
+        out: list[IPv4Address] = []
+        for *_, sockaddr in infos:
+            address = IPv4Address(sockaddr[0])
+            if address not in out:
+                out.append(address)
+        return out
 
     def udp_socket(self) -> socket.socket:
         """An unconnected, non-blocking UDP socket for one guest flow.

@@ -30,7 +30,8 @@ from ..wire.icmpv4 import DEST_UNREACHABLE, ECHO_REPLY, ECHO_REQUEST, TIME_EXCEE
 from ..wire.ipv4 import PROTO_ICMP
 from .errqueue import error_frame_for_guest, read_errors
 from .flowtable import IdleFlowTable
-from .host import HostNetwork, translate_destination, translate_source
+from .gate import DENIED, UNREACHABLE, HostGate
+from .host import HostNetwork, translate_source
 
 if TYPE_CHECKING:
     from ..gateway import Gateway
@@ -60,11 +61,13 @@ class EchoFlow:
 
 class IcmpNat:
     def __init__(self, config: Config, gateway: "Gateway", nursery: trio.Nursery,
-                 host: HostNetwork | None = None) -> None:
+                 host: HostNetwork | None = None, gate: HostGate | None = None) -> None:
         self.config = config
         self.gateway = gateway
         self.nursery = nursery
-        self.host = host or HostNetwork()
+        #: The one way out (translation, policy, host sockets); ``host`` makes its sockets.
+        self.gate = gate if gate is not None else HostGate(config, gateway.switch.policy, host)
+        self.host = self.gate.host
         self._by_wire_ident: dict[int, EchoFlow] = {}
         self._idents = itertools.cycle(range(1, 0x10000))
         self._raw: socket.socket | None = None
@@ -87,18 +90,16 @@ class IcmpNat:
         if icmp.type != ECHO_REQUEST:
             self.counters["not-echo"] += 1
             return
-        real = translate_destination(self.config, IPv4Address(ip.dst))
-        if real is None:
+        route = self.gate.route("icmp", IPv4Address(ip.src), IPv4Address(ip.dst), 0, switch_port=port.id)
+        if route is UNREACHABLE:
             self.counters["no-destination"] += 1
             return
-        decision = self.gateway.switch.policy.check_flow("icmp", IPv4Address(ip.src), IPv4Address(ip.dst), 0)
-        if decision.action == "deny":
+        if route is DENIED:
             self.counters["policy-denied"] += 1
             port.send(icmp_frame(src_mac, self.gateway.mac, self.gateway.ip, ip.src, DEST_UNREACHABLE, UNREACH_ADMIN,
                                  b"\0\0\0\0", bytes(ip.buf[:ip.header_len + 8])))
             return
-        if decision.action == "redirect":
-            real = decision.address
+        real = route.address
         key = (ip.src, icmp.ident)
         flow = self.flows.get(key)
         if flow is None:
@@ -132,7 +133,7 @@ class IcmpNat:
         flow = EchoFlow(port, src_mac, guest_ip, ident, now)
         if self._mode == "ping":
             try:
-                flow.sock, _raw = self.host.icmp_echo_socket()
+                flow.sock, _raw = self.gate.icmp_echo_socket()
             except OSError as e:
                 self.counters["socket-errors"] += 1
                 log.warning("cannot create a ping socket: %s", e)
@@ -158,7 +159,7 @@ class IcmpNat:
 
     def _choose_mode(self) -> None:
         try:
-            sock, raw = self.host.icmp_echo_socket()
+            sock, raw = self.gate.icmp_echo_socket()
         except OSError as e:
             self._mode = "none"
             log.warning("ICMP echo is disabled: neither a ping socket (net.ipv4.ping_group_range) nor a raw "

@@ -46,7 +46,8 @@ from ..wire.frames import TCP_CSUM_OFFSET, TCP_CSUM_START
 from ..wire.icmpv4 import DEST_UNREACHABLE, UNREACH_HOST, UNREACH_NET
 from ..wire.ipv4 import PROTO_TCP
 from ..timers import TimerHeap
-from .host import HostNetwork, translate_destination
+from .gate import DENIED, HostGate, Refusal, Route
+from .host import HostNetwork
 
 if TYPE_CHECKING:
     from ..gateway import Gateway
@@ -124,11 +125,13 @@ class TcpNat:
     """The TCP handler of a gateway: NAT for guest connections, RST for closed ports."""
 
     def __init__(self, config: Config, gateway: "Gateway", nursery: trio.Nursery,
-                 host: HostNetwork | None = None) -> None:
+                 host: HostNetwork | None = None, gate: HostGate | None = None) -> None:
         self.config = config
         self.gateway = gateway
         self.nursery = nursery
-        self.host = host or HostNetwork()
+        #: The one way out (translation, policy, host sockets); ``host`` makes its sockets.
+        self.gate = gate if gate is not None else HostGate(config, gateway.switch.policy, host)
+        self.host = self.gate.host
         mss = config.mtu - 40
         self.settings = TcpSettings(mss=mss)
         # With offloads the guest's kernel cuts our large segments at its MSS; a GSO packet
@@ -206,23 +209,16 @@ class TcpNat:
     def _open_flow(self, port: "Port", src_mac: bytes, ip: Ipv4View, tcp: TcpView, seg: Segment,
                    now: float) -> None:
         service = self.services.get(tcp.dst_port) if ip.dst == self.gateway.ip else None
-        real = None if service is not None else translate_destination(self.config, IPv4Address(ip.dst))
-        if real is None and service is None:  # the gateway (no service on this port) or a disabled host alias
-            self._count("closed-port")
-            self._reply_rst(port, src_mac, ip, tcp, seg)
-            return
-        real_port = tcp.dst_port
+        route = None
         if service is None:
-            decision = self.gateway.switch.policy.check_flow("tcp", IPv4Address(ip.src), IPv4Address(ip.dst),
-                                                             tcp.dst_port)
-            if decision.action == "deny":
-                self._count("policy-denied")
+            route = self.gate.route("tcp", IPv4Address(ip.src), IPv4Address(ip.dst), tcp.dst_port,
+                                    switch_port=port.id)
+            if type(route) is Refusal:
+                # UNREACHABLE: the gateway (no service on this port), a disabled host alias.
+                self._count("policy-denied" if route is DENIED else "closed-port")
                 self._reply_rst(port, src_mac, ip, tcp, seg)
                 return
-            if decision.action == "redirect":
-                real = decision.address
-                real_port = decision.port or real_port
-            elif self.intercept is not None:
+            if self.intercept is not None and not route.redirected:
                 service = self.intercept(IPv4Address(ip.dst), tcp.dst_port)
         if self.flow_count >= self.config.max_connections:
             self._count("connection-limit")
@@ -236,7 +232,8 @@ class TcpNat:
         conn = TcpConnection.from_syn(seg, now, settings)
         stack = self.stacks.get(ip.dst)
         if stack is None:
-            stack = self.stacks[ip.dst] = DestinationStack(ip.dst, real or IPv4Address(ip.dst))
+            real = route.address if route is not None else IPv4Address(ip.dst)
+            stack = self.stacks[ip.dst] = DestinationStack(ip.dst, real)
         flow = TcpFlow(self, port, src_mac, ip.src, tcp.src_port, ip.dst, tcp.dst_port, conn,
                        syn_quote=bytes(ip.buf[:ip.header_len + 8]), created=now)
         stack.flows[flow.key] = flow
@@ -246,7 +243,7 @@ class TcpNat:
         if service is not None:
             self.nursery.start_soon(self._run_service, flow, service)
         else:
-            self.nursery.start_soon(self._run_flow, flow, real, real_port)
+            self.nursery.start_soon(self._run_flow, flow, route)
 
     def flush(self) -> None:
         """End of a batch of frames: act on every flow the batch touched."""
@@ -446,11 +443,11 @@ class TcpNat:
             await trio.sleep_forever()  # the flow ends through _close_flow's cancel
 
     # ------------------------------------------------------------------ host side
-    async def _run_flow(self, flow: TcpFlow, real: IPv4Address, real_port: int) -> None:
+    async def _run_flow(self, flow: TcpFlow, route: Route) -> None:
         with flow.cancel_scope:
             try:
                 with trio.fail_after(self.config.tcp_connect_timeout):
-                    sock = await self.host.connect_tcp(real, real_port)
+                    sock = await self.gate.connect_tcp(route)
             except trio.TooSlowError:
                 self._count("connect-timeouts")
                 self._refuse(flow)

@@ -31,6 +31,7 @@ from ..wire.icmpv4 import DEST_UNREACHABLE, UNREACH_ADMIN, UNREACH_PORT
 from ..wire.ipv4 import PROTO_UDP
 from .errqueue import error_frame_for_guest, read_errors
 from .flowtable import IdleFlowTable
+from .gate import HostGate, Refusal
 from .host import HostNetwork, translate_destination, translate_source
 
 if TYPE_CHECKING:
@@ -82,11 +83,13 @@ class UdpNat:
     """The UDP handler of a gateway (packets to destinations other than the gateway)."""
 
     def __init__(self, config: Config, gateway: "Gateway", nursery: trio.Nursery,
-                 host: HostNetwork | None = None) -> None:
+                 host: HostNetwork | None = None, gate: HostGate | None = None) -> None:
         self.config = config
         self.gateway = gateway
         self.nursery = nursery
-        self.host = host or HostNetwork()
+        #: The one way out (translation, policy, host sockets); ``host`` makes its sockets.
+        self.gate = gate if gate is not None else HostGate(config, gateway.switch.policy, host)
+        self.host = self.gate.host
         self.counters: collections.Counter[str] = collections.Counter()
         #: (guest IP, guest port) -> flow.
         self.flows: IdleFlowTable[tuple[bytes, int], UdpFlow] = IdleFlowTable(
@@ -128,7 +131,7 @@ class UdpNat:
         destination = (ip.dst, udp.dst_port)
         target = flow.targets.get(destination)
         if target is None:
-            target = self._decide(flow, ip, udp, real)
+            target = self._decide(flow, ip, udp)
         if target is _DENIED:
             self._prohibited(port, src_mac, ip)
             return
@@ -145,16 +148,11 @@ class UdpNat:
         flow.datagrams_to_host += 1
         flow.bytes_to_host += len(payload)
 
-    def _decide(self, flow: UdpFlow, ip: Ipv4View, udp: UdpView, real: IPv4Address):
-        """Ask the policy once per (flow, destination); remember the answer (bounded)."""
-        decision = self.gateway.switch.policy.check_flow("udp", IPv4Address(ip.src), IPv4Address(ip.dst),
-                                                         udp.dst_port)
-        if decision.action == "deny":
-            target = _DENIED
-        elif decision.action == "redirect":
-            target = (str(decision.address), decision.port or udp.dst_port)
-        else:
-            target = (str(real), udp.dst_port)
+    def _decide(self, flow: UdpFlow, ip: Ipv4View, udp: UdpView):
+        """Ask the gate once per (flow, destination); remember the answer (bounded)."""
+        route = self.gate.route("udp", IPv4Address(ip.src), IPv4Address(ip.dst), udp.dst_port,
+                                switch_port=flow.port.id)
+        target = _DENIED if type(route) is Refusal else (str(route.address), route.port)
         if len(flow.targets) >= _MAX_TARGETS_PER_FLOW:
             flow.targets.clear()
         flow.targets[(ip.dst, udp.dst_port)] = target
@@ -168,7 +166,7 @@ class UdpNat:
     def _open_flow(self, port: "Port", src_mac: bytes, guest_ip: bytes, guest_port: int,
                    now: float) -> UdpFlow | None:
         try:
-            sock = self.host.udp_socket()
+            sock = self.gate.udp_socket()
         except OSError as e:
             self.counters["socket-errors"] += 1
             log.warning("cannot create a UDP socket for a guest flow: %s", e)

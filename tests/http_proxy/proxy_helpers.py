@@ -29,17 +29,20 @@ LOOPBACK = "127.0.0.1"
 # --- outbound connections ----------------------------------------------------------
 
 class LoopbackConnector:
-    """``connect(host, port)`` for HttpProxy: names in ``names`` map to a loopback port
-    (the requested port is recorded but ignored), loopback literals connect as asked,
-    everything else fails like a DNS error."""
+    """``connect(host, port, outbound)`` for HttpProxy: names in ``names`` map to a
+    loopback port (the requested port is recorded but ignored), loopback literals connect
+    as asked, everything else fails like a DNS error. ``outbounds`` records what each
+    connection was for (None when the test's own upstream proxy calls it)."""
 
     def __init__(self, names: dict[str, int] | None = None) -> None:
         self.names: dict[str, int] = dict(names or {})
         self.calls: list[tuple[str, int]] = []
+        self.outbounds: list = []
         self.delay: dict[str, float] = {}
 
-    async def __call__(self, host: str, port: int) -> trio.abc.Stream:
+    async def __call__(self, host: str, port: int, outbound=None) -> trio.abc.Stream:
         self.calls.append((host, port))
+        self.outbounds.append(outbound)
         if host in self.delay:
             await trio.sleep(self.delay[host])
         if host in self.names:

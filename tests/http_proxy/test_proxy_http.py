@@ -5,7 +5,7 @@ import json
 
 import trio
 from proxy_helpers import (HttpClient, LoopbackConnector, Origin, closed_port, curl, header,
-                           pattern, raw_exchange, serve_proxy)
+                           pattern, raw_exchange, serve, serve_proxy)
 
 from netkit.http_proxy import HttpProxy, ProxySettings
 
@@ -353,3 +353,67 @@ async def test_stalled_request_body_gets_408(nursery, connector, origin):
             out += data
     assert out.startswith(b"HTTP/1.1 408 ") and b"Connection: close" in out
     assert b"stopped arriving" in out
+
+
+async def test_trickled_request_head_gets_408_at_the_deadline(nursery, connector):
+    proxy = HttpProxy(ProxySettings(header_timeout=0.5, idle_timeout=60), connect=connector)
+    port = await serve_proxy(nursery, proxy)
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    head = b"GET http://origin.test/hello HTTP/1.1\r\nX-Slow: " + b"a" * 1000
+    received = b""
+    start = trio.current_time()
+
+    async def trickle():
+        try:
+            for i in range(len(head)):
+                await stream.send_all(head[i:i + 1])
+                await trio.sleep(0.02)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async with trio.open_nursery() as inner:
+        inner.start_soon(trickle)
+        with trio.fail_after(5):
+            while chunk := await stream.receive_some(4096):
+                received += chunk
+        inner.cancel_scope.cancel()
+    assert received.startswith(b"HTTP/1.1 408 "), received
+    assert trio.current_time() - start < 3  # the bytes kept coming; the deadline held
+    assert proxy.statistics()["header_timeouts"] == 1
+    await stream.aclose()
+
+
+async def test_keep_alive_wait_is_idle_timeout_then_head_deadline(nursery, connector):
+    proxy = HttpProxy(ProxySettings(header_timeout=0.5, idle_timeout=60), connect=connector)
+    port = await serve_proxy(nursery, proxy)
+    client = await HttpClient.connect(port)
+    resp, _ = await client.request("GET", "http://origin.test/hello")
+    assert resp.status_code == 200
+    await trio.sleep(1.0)  # longer than header_timeout, idle between requests: still open
+    resp, _ = await client.request("GET", "http://origin.test/hello")
+    assert resp.status_code == 200
+    await client.aclose()
+
+
+async def test_one_client_over_its_share_gets_503_alone(nursery, connector):
+    proxy = HttpProxy(ProxySettings(max_connections=10, max_connections_per_client=2), connect=connector)
+    port = await serve_proxy(nursery, proxy)
+    held = [await HttpClient.connect(port) for _ in range(2)]
+    for client in held:
+        resp, _ = await client.request("GET", "http://origin.test/hello")
+        assert resp.status_code == 200
+    out = await raw_exchange(port, b"GET http://origin.test/hello HTTP/1.1\r\nHost: origin.test\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 503 ") and b"per client" in out
+    assert proxy.statistics()["rejected_client_busy"] == 1
+    # Another client (here: another address) is still served.
+    async with trio.open_nursery() as inner:
+        async def other(stream):
+            await proxy.handle_client(stream, ("192.168.65.9", 1234))
+        other_port = await serve(inner, other)
+        client = await HttpClient.connect(other_port)
+        resp, _ = await client.request("GET", "http://origin.test/hello")
+        assert resp.status_code == 200
+        await client.aclose()
+        inner.cancel_scope.cancel()
+    for client in held:
+        await client.aclose()
