@@ -43,6 +43,8 @@ class FakeUpstream:
     negative_ttl: int = 60
     #: (transport, query) for every query received, in order.
     queries: list[tuple[str, DNSRecord]] = field(default_factory=list)
+    #: The (address, port) each UDP query came from, in order.
+    udp_peers: list[tuple[str, int]] = field(default_factory=list)
     port: int = 0
 
     @property
@@ -149,6 +151,7 @@ class FakeUpstream:
         except Exception:
             return
         self.queries.append(("udp", query))
+        self.udp_peers.append(peer)
         if self.silent:
             return
         wire = await self._reply_for(query, "udp")
