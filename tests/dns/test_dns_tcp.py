@@ -1,8 +1,10 @@
 """UDP truncation and DNS over TCP (serve_tcp): framing, pipelining, idle timeout."""
 
 import functools
+import logging
 import struct
 
+import pytest
 import trio
 import trio.testing
 from dns_helpers import CLIENT, ask, make_query, rdata, receive_exactly
@@ -150,14 +152,34 @@ async def test_serve_tcp_client_that_never_reads_is_dropped(make_service, autoju
     assert trio.current_time() - start < 6
 
 
-async def test_serve_tcp_client_vanishing_ends_quietly(make_service, upstream):
-    upstream.delay = 0.1
-    service = make_service(upstream)
+async def test_serve_tcp_client_vanishing_ends_quietly(make_service, upstream, caplog):
+    """The client closes while its query is still upstream: serve_tcp returns at once
+    when the answer comes (not after the idle timeout), raises nothing, logs nothing,
+    counts no error, and closes its end."""
+    asked = trio.Event()
+    release = trio.Event()
+
+    async def handler(query, transport):
+        asked.set()
+        await release.wait()
+        return upstream.answer(query)
+
+    upstream.handler = handler
+    service = make_service(upstream, dns_timeout=5.0, dns_tcp_idle_timeout=60.0)
     client_stream, server_stream = trio.testing.memory_stream_pair()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(service.serve_tcp, server_stream, CLIENT)
-        await _tcp_exchange(client_stream, [make_query("example.test")])
-        await client_stream.aclose()  # before the answer is ready
+    with trio.fail_after(3):  # far less than the idle timeout
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(service.serve_tcp, server_stream, CLIENT)
+            await _tcp_exchange(client_stream, [make_query("example.test")])
+            await asked.wait()  # the query is upstream, its answer not ready
+            await client_stream.aclose()
+            release.set()
+    stats = service.statistics()
+    assert stats["forwarded"] == 1 and stats["in_flight"] == 0
+    assert stats["internal_errors"] == 0 and stats["tcp_connections"] == 1
+    with pytest.raises(trio.ClosedResourceError):
+        await server_stream.send_all(b"x")  # serve_tcp closed it
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 async def test_serve_tcp_garbage_does_not_kill_connection(make_service):

@@ -156,9 +156,36 @@ async def test_close_unlinks_path_and_wakes_reader(sock_dir):
 
 
 async def test_stale_path_is_replaced(sock_dir):
+    """A socket file left behind by a previous run (nobody bound to it) is replaced by
+    the link's own: frames sent to the path reach the link, and closing removes it."""
     path = str(sock_dir / "v.sock")
     old = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     old.bind(path)
-    old.close()
+    old.close()  # the file stays behind
     link = VfkitLink.bind(path)
-    await link.aclose()
+    try:
+        vm = await FakeVfkit(str(sock_dir / "vm.sock"), path).start()
+        try:
+            await vm.send(b"VFKT")
+            await vm.send(b"s" * 60)
+            with trio.fail_after(5):
+                assert await link.receive_batch() == [b"s" * 60]
+            assert link.peer == vm.path
+        finally:
+            vm.close()
+    finally:
+        await link.aclose()
+    assert not os.path.exists(path)
+
+
+async def test_live_path_is_not_stolen(sock_dir):
+    """A path another process is still bound to is not stale: bind refuses, and that
+    process keeps its socket."""
+    path = str(sock_dir / "v.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as live:
+        live.bind(path)
+        with pytest.raises(OSError):
+            VfkitLink.bind(path)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+            sender.sendto(b"still mine", path)
+        assert live.recv(100) == b"still mine"
