@@ -10,6 +10,7 @@ from dnslib import QTYPE, RCODE, RR, DNSHeader, DNSQuestion, DNSRecord
 
 from netkit.dns import Forwarder, Question, UpstreamError
 from netkit.dns.upstream import match_response
+from netkit.testing.wait import wait_until
 
 
 @pytest.fixture
@@ -158,7 +159,7 @@ async def test_slow_upstream_blocks_no_other_query(make_service, upstream):
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(ask_slow)
-        await trio.sleep(0.05)
+        await wait_until(lambda: upstream.count("slow.test") == 1)  # stuck upstream
         with trio.fail_after(5):
             assert rdata(await ask(service, "fast.test", "A")) == ["10.9.9.9"]
             async with trio.open_nursery() as others:
@@ -186,7 +187,7 @@ async def test_in_flight_cap_servfails_beyond(make_service, upstream):
     async with trio.open_nursery() as nursery:
         for i in range(3):
             nursery.start_soon(one, i)
-        await trio.sleep(0.05)
+        await wait_until(lambda: upstream.count() == 3)  # all three stuck upstream
         assert service.statistics()["in_flight"] == 3
         with trio.fail_after(2):  # over the cap: SERVFAIL at once, not after 10 s
             reply = await ask(service, "extra.example.test", "A")
