@@ -7,8 +7,10 @@ import socket
 
 import pytest
 import trio
+import trio.testing
 
 from netkit.links import LinkClosed, VfkitLink
+from netkit.testing.wait import wait_until
 
 
 class FakeVfkit:
@@ -117,8 +119,10 @@ async def test_send_queue_is_bounded_when_peer_never_reads(sock_dir):
     link = VfkitLink.bind(str(sock_dir / "v.sock"), send_queue_bytes=100_000)
     vm = await FakeVfkit(str(sock_dir / "vm.sock"), link.path).start()
     await vm.send(b"VFKT")
-    with trio.move_on_after(0.05):
-        await link.receive_batch()  # learns the peer (no frame arrives)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(link.receive_batch)  # learns the peer (no frame arrives)
+        await wait_until(lambda: link.peer == vm.path, timeout=5)
+        nursery.cancel_scope.cancel()
     for _ in range(2000):
         link.send(b"z" * 1500)
     assert link.stats.send_dropped > 0
@@ -148,7 +152,7 @@ async def test_close_unlinks_path_and_wakes_reader(sock_dir):
                 await link.receive_batch()
 
         nursery.start_soon(reader)
-        await trio.sleep(0.01)
+        await trio.testing.wait_all_tasks_blocked()  # the reader waits in receive_batch
         await link.aclose()
     assert not os.path.exists(path)
     with pytest.raises(LinkClosed):
