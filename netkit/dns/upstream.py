@@ -25,6 +25,9 @@ type, class); anything else is counted and ignored while the attempt keeps liste
 That is ~32 bits an off-path attacker must guess, against 16 for one shared socket with
 random ids, and a late answer to an abandoned query can never be taken for the answer
 to a new one. The cost, one socket per attempt, is bounded by ``dns_max_in_flight``.
+A bare TC reply with the right id (no question) is the one exception, and it can only
+start the TCP query to the same server, whose answer is checked the same way; a forged
+one (from another address or port) never reaches the attempt's connected socket.
 
 What goes upstream is a fresh query: the client's question, RD, CD and AD set, and an
 OPT record with netkit's own payload size (1232) and the client's DO bit. Client EDNS
