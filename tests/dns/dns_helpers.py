@@ -29,12 +29,11 @@ def key(name: str) -> str:
 class FakeUpstream:
     """A DNS server on 127.0.0.1 that answers from ``records`` (zone-file lines), or
     through ``handler`` when set (return a reply, raw bytes, a list of raw datagrams to
-    send in order, or None for no answer)."""
+    send in order, or None for no answer). A slow upstream is an async handler that
+    waits on an event the test sets, so the test decides when the answer is ready."""
 
     records: dict[tuple[str, int], list[RR]] = field(default_factory=dict)
     handler: Handler | None = None
-    #: Seconds to wait before each answer (each query waits on its own).
-    delay: float = 0.0
     #: Answer nothing at all over UDP (a black hole).
     silent: bool = False
     #: Answer every UDP query with TC set and no records.
@@ -92,8 +91,6 @@ class FakeUpstream:
         return reply
 
     async def _reply_for(self, query: DNSRecord, transport: str) -> bytes | None:
-        if self.delay:
-            await trio.sleep(self.delay)
         if self.handler is not None:
             out = self.handler(query, transport)
             if hasattr(out, "__await__"):
