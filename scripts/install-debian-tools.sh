@@ -9,7 +9,7 @@ declare -A demo_tools=([ip]=iproute2 [busybox]=busybox-static [ping]=iputils-pin
 declare -A test_tools=([ip]=iproute2 [busybox]=busybox-static [ping]=iputils-ping [dig]=dnsutils
                        [curl]=curl [iperf3]=iperf3 [qemu-system-x86_64]=qemu-system-x86
                        [ntpdate]=ntpsec-ntpdate [pasta]=passt [slirp4netns]=slirp4netns
-                       [unshare]=util-linux [mount]=mount)
+                       [unshare]=util-linux [mount]=mount [openssl]=openssl)
 declare -A bench_tools=([ip]=iproute2 [busybox]=busybox-static [iperf3]=iperf3 [pasta]=passt
                         [slirp4netns]=slirp4netns [curl]=curl [unshare]=util-linux [mount]=mount)
 

@@ -11,6 +11,7 @@ import uuid
 
 import pytest
 import trio
+import trio.testing
 
 import netkit
 from netkit.links.memory import memory_link_pair
@@ -81,8 +82,9 @@ async def test_vanishing_guest_tears_down_its_flows(netkit_switch):
                 guest.netns.exec_args(["sh", "-c", f"for i in 1 2 3 4 5; do {sys.executable} "
                                        f"{TOOLS}/tcp_test_client.py download {HOST} {port} 2000000000 1 & done; wait"]),
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            await wait_until(lambda: netkit_switch.tcp_nat.flow_count == 5)
-            await trio.sleep(0.5)  # mid-transfer
+            # mid-transfer: every download has data flowing (each wants 2 GB)
+            await wait_until(lambda: len(flows := netkit_switch.tcp_nat.flows()) == 5
+                             and all(f.bytes_to_guest > 256 * 1024 for f in flows))
             await guest.link.aclose()  # the guest vanishes
             await wait_until(lambda: netkit_switch.tcp_nat.flow_count == 0, timeout=5)
             downloads.kill()
@@ -134,7 +136,8 @@ async def test_50_guests_attach_lease_talk_detach_in_a_loop(netkit_switch, nurse
         await wait_until(lambda: netkit_switch.tcp_nat.flow_count == 0)
         # Cancelled flow tasks need a scheduling round or two to finish.
         if baseline_tasks is None:
-            await trio.sleep(0.2)
+            with trio.fail_after(5):
+                await trio.testing.wait_all_tasks_blocked(cushion=0.02)
             baseline_tasks = trio.lowlevel.current_statistics().tasks_living
         await wait_until(lambda: trio.lowlevel.current_statistics().tasks_living <= baseline_tasks, timeout=5)
     assert len(netkit_switch.leases()) == 50  # the same 50 guests kept their 50 leases
@@ -167,6 +170,7 @@ async def test_hostile_frames_into_every_nat_path(fake_guest, netkit_switch):
     assert config.allow, "this test must run with an allow-list policy"
     gw_mac, me, host = config.gateway_mac, fake_guest.ip, config.host_ip.packed
     rng = random.Random(1234)
+    frames_before = netkit_switch.frames_in
     bases = []
     for flags in (0x02, 0x10, 0x12, 0x04, 0x01, 0x18, 0x29):
         options = bytes([2, 4, 0, 1, 3, 3, 14, 4, 2, 5, 10] + [0] * 9 + [1])[:20]
@@ -175,14 +179,14 @@ async def test_hostile_frames_into_every_nat_path(fake_guest, netkit_switch):
     bases.append(udp_frame(gw_mac, fake_guest.mac, me, host, 5000, 9, b"payload"))
     bases.append(udp_frame(gw_mac, fake_guest.mac, me, config.gateway_ip.packed, 5000, 53, b"\0" * 30))
     bases.append(icmp_frame(gw_mac, fake_guest.mac, me, host, 8, 0, b"\0\1\0\1", b"ping"))
-    frames_in, frames_sent = netkit_switch.frames_in, fake_guest.link.statistics().frames_sent
     for i in range(6000):
         base = bases[i % len(bases)]
         fake_guest.send_frame(_mutations(rng, base) if i % 3 else base)
         if i % 200 == 0:
-            await trio.sleep(0)
-    # Every frame the link carried has been through the switch.
-    await wait_until(lambda: netkit_switch.frames_in - frames_in
-                     >= fake_guest.link.statistics().frames_sent - frames_sent)
+            await trio.sleep(0)  # let the switch drain the link now and then
+    # The switch has taken every frame in, and what they started has settled.
+    await wait_until(lambda: netkit_switch.frames_in >= frames_before + 6000)
+    with trio.fail_after(5):
+        await trio.testing.wait_all_tasks_blocked(cushion=0.02)
     assert netkit_switch.gateway.drops["handler-error"] == 0
     assert await fake_guest.ping(config.gateway_ip)

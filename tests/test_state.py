@@ -4,11 +4,10 @@ import json
 import os
 from ipaddress import IPv4Address
 
-import trio
-
 import netkit
 from netkit.links.memory import memory_link_pair
 from netkit.testing import FakeGuest
+from netkit.testing.wait import wait_until
 
 
 async def _leased_guest(switch, nursery, mac):
@@ -45,7 +44,14 @@ async def test_corrupt_state_is_set_aside(tmp_path, caplog):
     state.write_text("{ this is not json")
     async with netkit.open_switch(netkit.Config(state_file=str(state))) as switch:
         assert switch.leases() == []
-        await trio.sleep(0.05)
+
+        def fresh_file_written():
+            try:
+                return json.loads(state.read_text())["format"] == "netkit-leases"
+            except (FileNotFoundError, ValueError):  # set aside, not yet rewritten
+                return False
+
+        await wait_until(fresh_file_written, timeout=5)  # while running, not only at exit
     aside = [p for p in os.listdir(tmp_path) if p.startswith("leases.json.corrupt-")]
     assert len(aside) == 1
     assert json.load(open(state))["format"] == "netkit-leases"  # a fresh, valid file

@@ -9,7 +9,9 @@ over the server list within one overall deadline (``timeout``, 2 s by default):
   keep listening, so a slow first server still wins if it answers first, and a dead
   one costs nothing but the stagger;
 * an answer with TC set is fetched again over TCP from the same server (no new UDP
-  attempts start while that runs);
+  attempts start while that runs). Like dig, a UDP reply with TC and no question
+  section (some servers truncate everything) counts as a truncation signal when its id
+  matches; it only ever leads to the TCP query, never to an answer;
 * FORMERR to a query with EDNS is retried once without it (RFC 6891 6.2.2);
 * when the deadline passes with no usable answer, :class:`UpstreamError` is raised (the
   service answers SERVFAIL), or, if every server answered SERVFAIL/REFUSED/NOTIMP, the
@@ -23,6 +25,9 @@ type, class); anything else is counted and ignored while the attempt keeps liste
 That is ~32 bits an off-path attacker must guess, against 16 for one shared socket with
 random ids, and a late answer to an abandoned query can never be taken for the answer
 to a new one. The cost, one socket per attempt, is bounded by ``dns_max_in_flight``.
+A bare TC reply with the right id (no question) is the one exception, and it can only
+start the TCP query to the same server, whose answer is checked the same way; a forged
+one (from another address or port) never reaches the attempt's connected socket.
 
 What goes upstream is a fresh query: the client's question, RD, CD and AD set, and an
 OPT record with netkit's own payload size (1232) and the client's DO bit. Client EDNS
@@ -90,8 +95,11 @@ def build_query(question: Question, qid: int, *, edns: bool, payload: int = UPST
     return record.pack()
 
 
-def match_response(data: bytes, qid: int, question: Question) -> UpstreamReply | None:
-    """``data`` as an answer to query ``qid`` for ``question``, or None if it is not one."""
+def match_response(data: bytes, qid: int, question: Question, *, udp: bool = True) -> UpstreamReply | None:
+    """``data`` as an answer to query ``qid`` for ``question``, or None if it is not one.
+
+    Over UDP (``udp``) a reply with TC set and no question is accepted too: the caller
+    must then ask again over TCP, never use it as an answer."""
     if len(data) < 12:
         return None
     buffer = DNSBuffer(data)
@@ -100,6 +108,11 @@ def match_response(data: bytes, qid: int, question: Question) -> UpstreamReply |
         if not header.qr or header.id != qid or header.opcode != 0:
             return None
         if header.q == 0:
+            # Some servers truncate to the bare header. Over UDP that is a request to
+            # ask again over TCP (the id still had to match, and the socket is
+            # connected to the server, so only it or an on-path attacker can send it).
+            if udp and header.tc:
+                return UpstreamReply(DNSRecord(header), data)
             # Some servers send errors without the question. Acceptable only as an
             # error, which is never cached nor passed on as an answer about the name.
             if header.rcode not in _RETRY_RCODES:
@@ -254,7 +267,7 @@ class Forwarder:
             await stream.send_all(struct.pack("!H", len(wire)) + wire)
             (length,) = struct.unpack("!H", await _receive_exactly(stream, 2))
             data = await _receive_exactly(stream, length)
-        reply = match_response(data, qid, question)
+        reply = match_response(data, qid, question, udp=False)
         if reply is None:
             self.stats["mismatched"] += 1
             raise _AttemptFailed("TCP answer does not match the query")

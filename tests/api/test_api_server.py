@@ -17,6 +17,7 @@ import trio
 from netkit.api.client import ApiRequestError, ApiUnavailable
 from netkit.api.server import ApiServerError, bind_unix_socket, open_api, serve_api
 from netkit.http_proxy.proxy import HttpProxy
+from netkit.testing.wait import wait_until
 
 from api_helpers import ApiHarness, parse_http_response
 
@@ -496,7 +497,7 @@ async def test_api_idle_timeout_and_connection_cap(netkit_switch, nursery, api_d
     first = await trio.open_unix_socket(path)
     second = await trio.open_unix_socket(path)
     await first.send_all(b"GET /heal")  # half a request, then silence
-    await trio.sleep(0.05)
+    await wait_until(lambda: server.statistics()["active_connections"] == 2, timeout=5)
     third = await trio.open_unix_socket(path)
     await third.send_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
     with trio.fail_after(2):

@@ -29,12 +29,11 @@ def key(name: str) -> str:
 class FakeUpstream:
     """A DNS server on 127.0.0.1 that answers from ``records`` (zone-file lines), or
     through ``handler`` when set (return a reply, raw bytes, a list of raw datagrams to
-    send in order, or None for no answer)."""
+    send in order, or None for no answer). A slow upstream is an async handler that
+    waits on an event the test sets, so the test decides when the answer is ready."""
 
     records: dict[tuple[str, int], list[RR]] = field(default_factory=dict)
     handler: Handler | None = None
-    #: Seconds to wait before each answer (each query waits on its own).
-    delay: float = 0.0
     #: Answer nothing at all over UDP (a black hole).
     silent: bool = False
     #: Answer every UDP query with TC set and no records.
@@ -43,6 +42,8 @@ class FakeUpstream:
     negative_ttl: int = 60
     #: (transport, query) for every query received, in order.
     queries: list[tuple[str, DNSRecord]] = field(default_factory=list)
+    #: The (address, port) each UDP query came from, in order.
+    udp_peers: list[tuple[str, int]] = field(default_factory=list)
     port: int = 0
 
     @property
@@ -90,8 +91,6 @@ class FakeUpstream:
         return reply
 
     async def _reply_for(self, query: DNSRecord, transport: str) -> bytes | None:
-        if self.delay:
-            await trio.sleep(self.delay)
         if self.handler is not None:
             out = self.handler(query, transport)
             if hasattr(out, "__await__"):
@@ -149,6 +148,7 @@ class FakeUpstream:
         except Exception:
             return
         self.queries.append(("udp", query))
+        self.udp_peers.append(peer)
         if self.silent:
             return
         wire = await self._reply_for(query, "udp")

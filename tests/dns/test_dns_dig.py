@@ -1,15 +1,21 @@
 """A real client: dig against the DNS service served on 127.0.0.1 (UDP and TCP).
 
-dig is told the server's address (@127.0.0.1), so it asks nothing else.
+dig is told the server's address (@127.0.0.1), so it asks nothing else. dig comes from
+scripts/install-debian-tools.sh (dnsutils); without it these tests skip, or fail under
+NETKIT_REQUIRE_PRIVILEGED=1 as every tool-driven test does.
 """
-
-import shutil
 
 import pytest
 import trio
 from dns_helpers import CLIENT
+from dnslib import DNSHeader, DNSRecord
 
-pytestmark = pytest.mark.skipif(shutil.which("dig") is None, reason="dig not installed")
+from netkit.testing import require_tool
+
+
+@pytest.fixture(autouse=True)
+def _dig():
+    require_tool("dig")
 
 
 async def serve_on_loopback(service, nursery) -> int:
@@ -69,3 +75,25 @@ async def test_dig_builtin_forwarded_and_truncated(make_service, upstream, nurse
     out = await dig(port, "+tcp", "-x", "192.168.65.1")
     assert "gateway.docker.internal." in out
     assert service.statistics()["truncated"] == 1
+
+
+async def test_dig_gets_the_answer_when_upstream_truncates_to_a_bare_header(make_service, upstream, nursery):
+    """The upstream answers UDP with TC and no question (as some servers do) and TCP in
+    full: netkit falls back to TCP itself, and dig, asking over UDP (+notcp, its
+    default), gets the answer without having to retry."""
+    upstream.add("www.example.test. 60 IN A 10.0.0.10")
+
+    def handler(query, transport):
+        if transport == "udp":
+            return bytes(DNSRecord(DNSHeader(id=query.header.id, qr=1, tc=1, ra=1)).pack())
+        return upstream.answer(query)
+
+    upstream.handler = handler
+    service = make_service(upstream)
+    port = await serve_on_loopback(service, nursery)
+    out = await dig(port, "+notcp", "www.example.test", "A")
+    assert "status: NOERROR" in out and "10.0.0.10" in out
+    assert "Truncated" not in out
+    assert upstream.count("www.example.test", "udp") == 1
+    assert upstream.count("www.example.test", "tcp") == 1
+    assert service.statistics()["resolver"]["tcp_queries"] == 1

@@ -10,6 +10,7 @@ from dnslib import QTYPE, RCODE, RR, DNSHeader, DNSQuestion, DNSRecord
 
 from netkit.dns import Forwarder, Question, UpstreamError
 from netkit.dns.upstream import match_response
+from netkit.testing.wait import wait_until
 
 
 @pytest.fixture
@@ -116,8 +117,10 @@ async def test_silent_upstream_servfails_within_timeout(make_service, upstream):
     elapsed = trio.current_time() - start
     assert reply.header.rcode == RCODE.SERVFAIL
     assert 0.55 < elapsed < 1.5
-    # the retries went to the same (only) server within the deadline
-    assert upstream.count("example.test", "udp") == 3
+    # the retries went to the same (only) server within the deadline: sent before it,
+    # received by the fake upstream whenever its task gets to them
+    assert service.statistics()["resolver"]["udp_queries"] == 3
+    await wait_until(lambda: upstream.count("example.test", "udp") == 3, timeout=5)
 
 
 async def test_failover_to_second_upstream_when_first_is_dead(make_service, upstream2):
@@ -158,7 +161,7 @@ async def test_slow_upstream_blocks_no_other_query(make_service, upstream):
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(ask_slow)
-        await trio.sleep(0.05)
+        await wait_until(lambda: upstream.count("slow.test") == 1)  # stuck upstream
         with trio.fail_after(5):
             assert rdata(await ask(service, "fast.test", "A")) == ["10.9.9.9"]
             async with trio.open_nursery() as others:
@@ -186,7 +189,7 @@ async def test_in_flight_cap_servfails_beyond(make_service, upstream):
     async with trio.open_nursery() as nursery:
         for i in range(3):
             nursery.start_soon(one, i)
-        await trio.sleep(0.05)
+        await wait_until(lambda: upstream.count() == 3)  # all three stuck upstream
         assert service.statistics()["in_flight"] == 3
         with trio.fail_after(2):  # over the cap: SERVFAIL at once, not after 10 s
             reply = await ask(service, "extra.example.test", "A")
@@ -206,6 +209,65 @@ async def test_upstream_truncation_retries_over_tcp(make_service, upstream):
     assert upstream.count("example.test", "udp") == 1
     assert upstream.count("example.test", "tcp") == 1
     assert service.statistics()["resolver"]["tcp_queries"] == 1
+
+
+def _bare_truncated(query: DNSRecord, qid: int | None = None) -> bytes:
+    """A reply with TC set and nothing else: no question, no records."""
+    header = DNSHeader(id=query.header.id if qid is None else qid, qr=1, tc=1, ra=1)
+    return bytes(DNSRecord(header).pack())
+
+
+async def test_upstream_truncation_without_question_retries_over_tcp(make_service, upstream):
+    """Some servers truncate to the bare header; dig then asks over TCP, and so must we."""
+    upstream.handler = lambda query, transport: (
+        _bare_truncated(query) if transport == "udp" else upstream.answer(query))
+    service = make_service(upstream)
+    reply = await ask(service, "example.test", "A")
+    assert reply.header.rcode == RCODE.NOERROR and rdata(reply) == ["10.0.0.1"]
+    assert upstream.count("example.test", "udp") == 1
+    assert upstream.count("example.test", "tcp") == 1
+    stats = service.statistics()["resolver"]
+    assert stats["tcp_queries"] == 1 and stats["mismatched"] == 0
+
+
+async def test_bare_truncated_reply_over_tcp_is_never_an_answer(make_service, upstream):
+    """Over TCP there is nothing to fall back to: a bare TC reply is a failed attempt,
+    not an empty NOERROR answer about the name."""
+    upstream.handler = lambda query, transport: _bare_truncated(query)
+    service = make_service(upstream, dns_timeout=0.5)
+    reply = await ask(service, "example.test", "A")
+    assert reply.header.rcode == RCODE.SERVFAIL
+    stats = service.statistics()["resolver"]
+    assert stats["tcp_queries"] >= 1 and stats["mismatched"] == stats["tcp_queries"]
+
+
+async def test_spoofed_truncation_signals_trigger_nothing(make_service, upstream, nursery):
+    """An off-path attacker who knows the query id sends a bare TC reply to netkit's
+    query port from another port and from another address; a garbage TC reply with a
+    wrong id comes from the server itself. None may start a TCP query: the first two
+    never reach the forwarder (its socket is connected to the server), the third is
+    counted as mismatched. The real answer, sent last, is the one taken."""
+    spoof_port = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    await spoof_port.bind(("127.0.0.1", 0))
+    spoof_address = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    await spoof_address.bind(("127.0.0.2", upstream.port))  # the server's port, another address
+
+    async def handler(query, transport):
+        assert transport == "udp"
+        victim = upstream.udp_peers[-1]
+        for sock in (spoof_port, spoof_address):
+            await sock.sendto(_bare_truncated(query), victim)
+        wrong_id = _bare_truncated(query, qid=query.header.id ^ 0x0101)
+        return [wrong_id, b"\x00", upstream.answer(query).pack()]
+
+    upstream.handler = handler
+    service = make_service(upstream)
+    with spoof_port, spoof_address:
+        reply = await ask(service, "example.test", "A")
+    assert rdata(reply) == ["10.0.0.1"]
+    assert upstream.count(transport="tcp") == 0
+    stats = service.statistics()["resolver"]
+    assert stats["tcp_queries"] == 0 and stats["mismatched"] == 2
 
 
 async def test_big_upstream_answer_comes_whole_over_tcp(make_service, upstream):
@@ -244,6 +306,10 @@ def test_match_response_checks_id_question_and_qr():
     assert match_response(other.pack(), 99, question) is None
     nxdomain_without_question = DNSRecord(DNSHeader(id=99, qr=1, rcode=RCODE.NXDOMAIN))
     assert match_response(nxdomain_without_question.pack(), 99, question) is None
+    bare_truncated = DNSRecord(DNSHeader(id=99, qr=1, tc=1)).pack()
+    assert match_response(bare_truncated, 99, question) is not None  # "ask over TCP"
+    assert match_response(bare_truncated, 98, question) is None
+    assert match_response(bare_truncated, 99, question, udp=False) is None
     assert match_response(b"\x00\x63\x80", 99, question) is None
 
 

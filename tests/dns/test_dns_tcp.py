@@ -1,8 +1,10 @@
 """UDP truncation and DNS over TCP (serve_tcp): framing, pipelining, idle timeout."""
 
 import functools
+import logging
 import struct
 
+import pytest
 import trio
 import trio.testing
 from dns_helpers import CLIENT, ask, make_query, rdata, receive_exactly
@@ -75,7 +77,7 @@ async def test_serve_tcp_pipelined_queries(make_service, upstream):
         first = queries[0].pack()
         framed = struct.pack("!H", len(first)) + first
         await client_stream.send_all(framed[:1])
-        await trio.sleep(0.01)
+        await trio.testing.wait_all_tasks_blocked()  # the server has read the lone byte
         await client_stream.send_all(framed[1:5])
         await client_stream.send_all(framed[5:])
         await _tcp_exchange(client_stream, queries[1:])
@@ -95,33 +97,47 @@ async def test_serve_tcp_pipelined_queries(make_service, upstream):
 
 async def test_serve_tcp_answers_out_of_order(make_service, upstream):
     upstream.add("slow.test. 60 IN A 10.0.0.70")
+    fast_answer_read = trio.Event()
 
     async def handler(query, transport):
         if str(query.q.qname) == "slow.test.":
-            await trio.sleep(0.3)
+            await fast_answer_read.wait()  # answered only once the later query's answer is out
         return upstream.answer(query)
 
     upstream.handler = handler
-    service = make_service(upstream, dns_timeout=2.0)
+    service = make_service(upstream, dns_timeout=5.0)
     client_stream, server_stream = trio.testing.memory_stream_pair()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(service.serve_tcp, server_stream, CLIENT)
-        await _tcp_exchange(client_stream, [make_query("slow.test", qid=1), make_query("example.test", qid=2)])
-        first = await _read_answer(client_stream)
-        second = await _read_answer(client_stream)
-        assert (first.header.id, second.header.id) == (2, 1)
-        assert rdata(second) == ["10.0.0.70"]
-        await client_stream.aclose()
+    with trio.fail_after(4):  # answering in order would never get the slow one released
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(service.serve_tcp, server_stream, CLIENT)
+            await _tcp_exchange(client_stream, [make_query("slow.test", qid=1), make_query("example.test", qid=2)])
+            first = await _read_answer(client_stream)
+            fast_answer_read.set()
+            second = await _read_answer(client_stream)
+            assert (first.header.id, second.header.id) == (2, 1)
+            assert rdata(second) == ["10.0.0.70"]
+            await client_stream.aclose()
 
 
 async def test_serve_tcp_eof_waits_for_outstanding_answers(make_service, upstream):
-    upstream.delay = 0.2
+    asked = trio.Event()
+    release = trio.Event()
+
+    async def handler(query, transport):
+        asked.set()
+        await release.wait()
+        return upstream.answer(query)
+
+    upstream.handler = handler
     service = make_service(upstream)
     client_stream, server_stream = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(service.serve_tcp, server_stream, CLIENT)
         await _tcp_exchange(client_stream, [make_query("example.test", qid=9)])
+        await asked.wait()
         await client_stream.send_eof()
+        await trio.testing.wait_all_tasks_blocked()  # the server has seen the EOF
+        release.set()  # only now is the answer ready
         reply = await _read_answer(client_stream)
         assert reply.header.id == 9 and rdata(reply) == ["10.0.0.1"]
         assert await _read_answer(client_stream) is None
@@ -150,14 +166,34 @@ async def test_serve_tcp_client_that_never_reads_is_dropped(make_service, autoju
     assert trio.current_time() - start < 6
 
 
-async def test_serve_tcp_client_vanishing_ends_quietly(make_service, upstream):
-    upstream.delay = 0.1
-    service = make_service(upstream)
+async def test_serve_tcp_client_vanishing_ends_quietly(make_service, upstream, caplog):
+    """The client closes while its query is still upstream: serve_tcp returns at once
+    when the answer comes (not after the idle timeout), raises nothing, logs nothing,
+    counts no error, and closes its end."""
+    asked = trio.Event()
+    release = trio.Event()
+
+    async def handler(query, transport):
+        asked.set()
+        await release.wait()
+        return upstream.answer(query)
+
+    upstream.handler = handler
+    service = make_service(upstream, dns_timeout=5.0, dns_tcp_idle_timeout=60.0)
     client_stream, server_stream = trio.testing.memory_stream_pair()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(service.serve_tcp, server_stream, CLIENT)
-        await _tcp_exchange(client_stream, [make_query("example.test")])
-        await client_stream.aclose()  # before the answer is ready
+    with trio.fail_after(3):  # far less than the idle timeout
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(service.serve_tcp, server_stream, CLIENT)
+            await _tcp_exchange(client_stream, [make_query("example.test")])
+            await asked.wait()  # the query is upstream, its answer not ready
+            await client_stream.aclose()
+            release.set()
+    stats = service.statistics()
+    assert stats["forwarded"] == 1 and stats["in_flight"] == 0
+    assert stats["internal_errors"] == 0 and stats["tcp_connections"] == 1
+    with pytest.raises(trio.ClosedResourceError):
+        await server_stream.send_all(b"x")  # serve_tcp closed it
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 async def test_serve_tcp_garbage_does_not_kill_connection(make_service):

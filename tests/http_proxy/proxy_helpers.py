@@ -14,14 +14,14 @@ import hashlib
 import ipaddress
 import json
 import os
-import shutil
 import ssl
 import subprocess
 from urllib.parse import parse_qs, urlsplit
 
 import h11
-import pytest
 import trio
+
+from netkit.testing import require_tool
 
 LOOPBACK = "127.0.0.1"
 
@@ -415,11 +415,12 @@ def curl_env() -> dict[str, str]:
 
 
 async def curl(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
-    if shutil.which("curl") is None:
-        pytest.skip("curl is not installed")
+    # curl and openssl come from scripts/install-debian-tools.sh: missing, the test
+    # skips, or fails under NETKIT_REQUIRE_PRIVILEGED=1 (as CI runs).
+    curl_path = require_tool("curl")
     with trio.fail_after(timeout):
         return await trio.run_process(
-            ["curl", "--silent", "--show-error", "--max-time", str(int(timeout)), *args],
+            [curl_path, "--silent", "--show-error", "--max-time", str(int(timeout)), *args],
             capture_stdout=True, capture_stderr=True, check=False, env=curl_env())
 
 
@@ -427,12 +428,11 @@ async def curl(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
 
 def make_cert(directory) -> tuple[str, str]:
     """A self-signed EC certificate for tls.test/localhost/127.0.0.1 (openssl CLI)."""
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is not installed")
+    openssl = require_tool("openssl")
     cert = os.path.join(directory, "cert.pem")
     key = os.path.join(directory, "key.pem")
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
          "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=tls.test",
          "-addext", "subjectAltName=DNS:tls.test,DNS:localhost,IP:127.0.0.1"],
         check=True, capture_output=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import trio
+import trio.testing
 
 from netkit.links import LinkClosed, memory_link_pair
 
@@ -51,7 +52,7 @@ async def test_receive_waits_for_frames():
             got.extend(await b.receive_batch())
 
         nursery.start_soon(reader)
-        await trio.sleep(0.01)
+        await trio.testing.wait_all_tasks_blocked()  # the reader waits in receive_batch
         assert got == []
         a.send(b"x" * 60)
     assert got == [b"x" * 60]
@@ -138,9 +139,9 @@ async def test_close_wakes_a_blocked_reader_and_a_blocked_sender():
                 await a.receive_batch()
 
         nursery.start_soon(reader)
-        await trio.sleep(0.01)
+        await trio.testing.wait_all_tasks_blocked()  # reader and sender both wait
         await b.aclose()  # wakes a's reader (LinkClosed) and a's sender (peer gone)
-        await trio.sleep(0.01)
+        await trio.testing.wait_all_tasks_blocked()  # both have seen it
         await a.aclose()  # run_sender returns
     assert a.stats.send_dropped == 1
 

@@ -9,6 +9,7 @@ import time
 
 import pytest
 import trio
+import trio.testing
 
 from netkit.links import LinkClosed, QemuListener, StreamFramedLink, qemu_connect
 
@@ -231,7 +232,7 @@ async def test_local_close_wakes_reader_and_sender(server):
                 await link.receive_batch()
 
         nursery.start_soon(reader)
-        await trio.sleep(0.02)
+        await trio.testing.wait_all_tasks_blocked()  # reader and sender both wait
         with trio.fail_after(2):
             await link.aclose()
     await client.aclose()

@@ -8,6 +8,7 @@ import time
 
 import pytest
 import trio
+import trio.testing
 
 from netkit.links import LinkClosed, StdioLink
 
@@ -123,5 +124,5 @@ async def test_close_wakes_a_waiting_reader(peer):
                 await link.receive_batch()
 
         nursery.start_soon(reader)
-        await trio.sleep(0.01)
+        await trio.testing.wait_all_tasks_blocked()  # the reader waits in receive_batch
         await link.aclose()

@@ -17,6 +17,7 @@ import sys
 
 import pytest
 import trio
+import trio.testing
 
 from netkit.links import LinkClosed, TapLink, TxOffload
 from netkit.links.tap import (
@@ -310,7 +311,7 @@ async def test_deleting_the_namespace_ends_the_link(netns):
                     await link.receive_batch()
 
         nursery.start_soon(reader)
-        await trio.sleep(0.05)
+        await trio.testing.wait_all_tasks_blocked()  # the reader waits in receive_batch
         # Deleting the device (as deleting its namespace would) makes reads fail.
         ip("-n", netns, "link", "del", TAP)
         with trio.fail_after(3):

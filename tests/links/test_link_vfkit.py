@@ -7,8 +7,10 @@ import socket
 
 import pytest
 import trio
+import trio.testing
 
 from netkit.links import LinkClosed, VfkitLink
+from netkit.testing.wait import wait_until
 
 
 class FakeVfkit:
@@ -117,8 +119,10 @@ async def test_send_queue_is_bounded_when_peer_never_reads(sock_dir):
     link = VfkitLink.bind(str(sock_dir / "v.sock"), send_queue_bytes=100_000)
     vm = await FakeVfkit(str(sock_dir / "vm.sock"), link.path).start()
     await vm.send(b"VFKT")
-    with trio.move_on_after(0.05):
-        await link.receive_batch()  # learns the peer (no frame arrives)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(link.receive_batch)  # learns the peer (no frame arrives)
+        await wait_until(lambda: link.peer == vm.path, timeout=5)
+        nursery.cancel_scope.cancel()
     for _ in range(2000):
         link.send(b"z" * 1500)
     assert link.stats.send_dropped > 0
@@ -148,7 +152,7 @@ async def test_close_unlinks_path_and_wakes_reader(sock_dir):
                 await link.receive_batch()
 
         nursery.start_soon(reader)
-        await trio.sleep(0.01)
+        await trio.testing.wait_all_tasks_blocked()  # the reader waits in receive_batch
         await link.aclose()
     assert not os.path.exists(path)
     with pytest.raises(LinkClosed):
@@ -156,9 +160,36 @@ async def test_close_unlinks_path_and_wakes_reader(sock_dir):
 
 
 async def test_stale_path_is_replaced(sock_dir):
+    """A socket file left behind by a previous run (nobody bound to it) is replaced by
+    the link's own: frames sent to the path reach the link, and closing removes it."""
     path = str(sock_dir / "v.sock")
     old = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     old.bind(path)
-    old.close()
+    old.close()  # the file stays behind
     link = VfkitLink.bind(path)
-    await link.aclose()
+    try:
+        vm = await FakeVfkit(str(sock_dir / "vm.sock"), path).start()
+        try:
+            await vm.send(b"VFKT")
+            await vm.send(b"s" * 60)
+            with trio.fail_after(5):
+                assert await link.receive_batch() == [b"s" * 60]
+            assert link.peer == vm.path
+        finally:
+            vm.close()
+    finally:
+        await link.aclose()
+    assert not os.path.exists(path)
+
+
+async def test_live_path_is_not_stolen(sock_dir):
+    """A path another process is still bound to is not stale: bind refuses, and that
+    process keeps its socket."""
+    path = str(sock_dir / "v.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as live:
+        live.bind(path)
+        with pytest.raises(OSError):
+            VfkitLink.bind(path)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+            sender.sendto(b"still mine", path)
+        assert live.recv(100) == b"still mine"
