@@ -203,7 +203,7 @@ class DhcpServer:
                 self.stats["unexpected_type"] += 1
                 return None
             self.stats[o.MESSAGE_TYPE_NAMES[request.message_type]] += 1
-            if handler is self._on_decline:
+            if request.message_type == o.DHCPDECLINE:
                 return self._on_decline(request, now, client)
             return handler(request, now)
         except MalformedPacket:
