@@ -162,3 +162,19 @@ async def test_stale_path_is_replaced(sock_dir):
     old.close()
     link = VfkitLink.bind(path)
     await link.aclose()
+
+
+async def test_a_new_sender_takes_over_once_the_peer_is_gone(vfkit, sock_dir):
+    """A VM restarted with a new socket path and no VFKT: the link follows it once the
+    old peer's socket is gone (while it is alive, strangers are ignored: see above)."""
+    link, vm = vfkit
+    await vm.send(b"a" * 60)
+    assert await link.receive_batch() == [b"a" * 60]
+    vm.close()  # the old VM is gone; its path stays behind, unbound
+    restarted = await FakeVfkit(str(sock_dir / "vm2.sock"), link.path).start()
+    await restarted.send(b"b" * 60)
+    assert await link.receive_batch() == [b"b" * 60]
+    assert link.peer == restarted.path and link.stats.receive_errors == 0
+    link.send(b"c" * 60)
+    assert await restarted.recv() == b"c" * 60
+    restarted.close()
