@@ -162,7 +162,9 @@ def switch_parser() -> argparse.ArgumentParser:
                     "and their connections become ordinary host socket calls.")
     add_switch_options(p)
     g = p.add_argument_group("guest links (any number, all on one switch)")
-    g.add_argument("--tap", action="append", default=[], metavar="NAME", help="create a tap device NAME")
+    g.add_argument("--tap", action="append", default=[], metavar="NAME",
+                   help="create a tap device NAME; its MAC is derived from NAME and --netns, so with "
+                        "--state a restarted switch gives the guest the same address")
     g.add_argument("--netns", metavar="NS", help="move the --tap devices into this existing network namespace")
     g.add_argument("--offload", action="store_true",
                    help="negotiate virtio-net offloads (checksum, TSO) on --tap devices")

@@ -117,12 +117,20 @@ class Config:
     #: How long an address a client rejected with DHCPDECLINE (because something else
     #: answered ARP for it) is kept out of the pool.
     decline_seconds: float = 600.0
+    #: Most addresses one switch port's DHCPDECLINEs keep in quarantine at once; another
+    #: decline from that port returns its oldest to the pool (0: never quarantine).
+    decline_max_per_port: int = 4
+    #: Most of the DHCP pool (a fraction below 1) in quarantine at once, whoever declined;
+    #: beyond, the oldest quarantined address returns to the pool. Declines never take
+    #: the whole pool from the other guests.
+    decline_max_pool_fraction: float = 0.25
 
     # --- switch limits ---
     #: Most guest ports on one switch; attaches beyond are refused.
     max_ports: int = 256
-    #: Most MAC addresses a single port may send from (1: the port locks to the
-    #: first MAC it sends from, like vpnkit's per-port MAC).
+    #: Most MAC addresses (guest identities) a single port may send from. A new MAC
+    #: beyond this replaces the port's oldest, whose DHCP lease is released (1: one
+    #: port is one guest; a guest that changes its MAC starts afresh).
     max_macs_per_port: int = 1
     #: Bytes a link may queue towards a slow guest before frames are dropped.
     link_send_queue_bytes: int = 4 * 1024 * 1024
@@ -264,6 +272,10 @@ class Config:
             raise ConfigError("offer_seconds: must be positive")
         if self.decline_seconds < 0:
             raise ConfigError("decline_seconds: must not be negative")
+        if self.decline_max_per_port < 0:
+            raise ConfigError("decline_max_per_port: must not be negative")
+        if not 0 <= self.decline_max_pool_fraction < 1:
+            raise ConfigError("decline_max_pool_fraction: must be at least 0 and below 1")
         # An empty domain_name means "send no option 15".
         if self.domain_name and not _is_dns_name(self.domain_name):
             raise ConfigError(f"domain_name: {self.domain_name!r} is not a valid DNS name")
@@ -469,13 +481,13 @@ def _coerce(name: str, value: Any) -> Any:
                 mac = parse_mac(item["mac"]) if "mac" in item else None
                 out.append(StaticLease(ip=_ip("static_leases", item["ip"]), mac=mac, uuid=item.get("uuid")))
             return tuple(out)
-        if name in ("http_proxy_port", "mtu", "lease_seconds", "max_ports", "max_macs_per_port", "link_send_queue_bytes",
+        if name in ("http_proxy_port", "mtu", "lease_seconds", "max_ports", "decline_max_per_port", "max_macs_per_port", "link_send_queue_bytes",
                     "max_connections", "max_connections_per_guest", "udp_max_flows", "icmp_max_flows",
                     "reassembly_max_bytes", "http_proxy_max_connections", "http_proxy_max_connections_per_guest",
                     "http_proxy_max_lookups_per_guest"):
             return int(value)
         if name in ("tcp_connect_timeout", "tcp_half_close_timeout", "offer_seconds", "decline_seconds",
-                    "udp_idle_timeout", "http_proxy_header_timeout",
+                    "decline_max_pool_fraction", "udp_idle_timeout", "http_proxy_header_timeout",
                     "icmp_idle_timeout", "reassembly_timeout"):
             return float(value)
         if name in ("host_loopback",):

@@ -4,6 +4,17 @@ It answers ARP for the addresses it owns, ICMP echo to the gateway, and DHCP, an
 every other IPv4 packet to exactly one handler: a service bound to a gateway port, or a
 NAT handler for the protocol. Every frame is classified synchronously; input from a guest
 is untrusted, so a malformed frame is counted under ``drops`` and dropped, never raised.
+
+The switch has already checked the sender's identity (see ``netkit.switch``): every
+frame here comes from its port's MAC and bound address (or 0.0.0.0 for DHCP). The
+gateway learns no neighbours from what guests send: it reaches a guest address through
+the switch's binding table, which mirrors the lease table.
+
+The virtual subnet is not the host's: a packet to an address inside ``config.subnet``
+that is not the gateway, the host alias or a ``--nat`` virtual IP is never NAT'd. It is
+answered with ICMP host unreachable -- whether the address is unassigned or leased to
+another guest (guests reach each other directly on the link, never through the
+gateway) -- and counted (``to-unassigned``, ``to-guest-via-gateway``).
 """
 
 from __future__ import annotations
@@ -22,7 +33,7 @@ from .ipfrag import Reassembler
 from .wire import (ARP_REPLY, ARP_REQUEST, ArpPacket, IcmpView, Ipv4View, MalformedPacket, UdpView,
                    icmp_frame, udp_frame)
 from .wire.ethernet import ETH_HEADER_LEN
-from .wire.icmpv4 import ECHO_REPLY, ECHO_REQUEST
+from .wire.icmpv4 import DEST_UNREACHABLE, ECHO_REPLY, ECHO_REQUEST, UNREACH_HOST
 from .wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP
 
 if TYPE_CHECKING:
@@ -72,8 +83,9 @@ class Gateway:
         for virtual, _real in config.nat:
             if virtual in config.subnet:
                 self.arp_owned.add(virtual.packed)
-        #: Guest IP (packed) -> MAC, learned from ARP and IPv4 sources; used to reach guests by IP.
-        self.neighbors: dict[bytes, bytes] = {}
+        # The subnet as integers, for the one check that keeps its addresses off the host.
+        self._subnet_mask = int(config.subnet.netmask)
+        self._subnet_network = int(config.subnet.network_address)
         #: (protocol, port) on the gateway IP -> handler; services register here.
         self.services: dict[tuple[int, int], PacketHandler] = {}
         #: protocol -> handler for packets to any other destination (NAT).
@@ -85,7 +97,7 @@ class Gateway:
         self.drops: collections.Counter[str] = collections.Counter()
         self.counters: collections.Counter[str] = collections.Counter()
         switch.gateway = self
-        switch.on_detach(self._forget_port)
+        switch.on_mac_replaced(self._mac_replaced)
 
     # ----- services -----
     def register_udp_service(self, port: int, handler) -> None:
@@ -117,12 +129,13 @@ class Gateway:
         return self.switch.deliver(dst_mac, frame, offload)
 
     def mac_for_ip(self, ip: bytes) -> bytes | None:
-        mac = self.neighbors.get(ip)
-        if mac is None:
-            lease = self.leases.lookup_ip(IPv4Address(ip))
-            if lease is not None:
-                mac = lease.mac
-        return mac
+        """The MAC a guest address (packed) is bound to, from the lease table's bindings."""
+        return self.switch.mac_for_ip(ip)
+
+    @property
+    def neighbors(self) -> dict[bytes, bytes]:
+        """The neighbour table (bound address -> MAC); a copy, for inspection."""
+        return self.switch.bindings()
 
     # ----- the frame path -----
     def input(self, port: "Port", frame: bytes) -> None:
@@ -148,14 +161,13 @@ class Gateway:
         if arp.sender_mac != src_mac:
             self.drops["arp-sender-mismatch"] += 1
             return
-        if arp.sender_ip != b"\0\0\0\0":
-            self.neighbors[arp.sender_ip] = arp.sender_mac
         if arp.operation == ARP_REQUEST and arp.target_ip in self.arp_owned:
             reply = ArpPacket(ARP_REPLY, self.mac, arp.target_ip, arp.sender_mac, arp.sender_ip)
             self.switch.deliver(src_mac, src_mac + self.mac + _ETH_ARP + reply.emit())
             self.counters["arp-replies"] += 1
         else:
-            # Replies teach us a neighbour; requests for other guests were flooded to them.
+            # Neighbours come from bindings, never from ARP; requests for other guests
+            # were flooded to them.
             self.counters["arp-other"] += 1
 
     def _input_ipv4(self, port: "Port", frame: bytes) -> None:
@@ -164,8 +176,6 @@ class Gateway:
             self.drops["ipv4-checksum"] += 1
             return
         src_mac = frame[6:12]
-        if ip.src != b"\0\0\0\0" and ip.src not in self.neighbors:
-            self.neighbors[ip.src] = src_mac
         now = self.clock()
         if ip.is_fragment:
             packet = self.reassembler.add(ip, now)
@@ -178,7 +188,7 @@ class Gateway:
             if protocol == PROTO_UDP:
                 udp = UdpView(ip.payload)
                 if udp.dst_port == DHCP_SERVER_PORT:
-                    self._input_dhcp(src_mac, ip, udp, now)
+                    self._input_dhcp(port, src_mac, ip, udp, now)
                     return
                 handler = self.services.get((PROTO_UDP, udp.dst_port))
             elif protocol == PROTO_TCP:
@@ -201,18 +211,36 @@ class Gateway:
             if protocol == PROTO_UDP:
                 udp = UdpView(ip.payload)
                 if udp.dst_port == DHCP_SERVER_PORT:
-                    self._input_dhcp(src_mac, ip, udp, now)
+                    self._input_dhcp(port, src_mac, ip, udp, now)
                     return
             self.drops["broadcast"] += 1
             return
         if dst[0] >= 224:  # multicast and class E: never forwarded
             self.drops["multicast"] += 1
             return
+        if (int.from_bytes(dst, "big") & self._subnet_mask) == self._subnet_network and dst not in self.arp_owned:
+            self._unreachable_in_subnet(src_mac, ip, dst)
+            return
         handler = self.nat.get(protocol)
         if handler is None:
             self.drops["no-route"] += 1
             return
         handler(port, src_mac, ip, now)
+
+    def _unreachable_in_subnet(self, src_mac: bytes, ip: Ipv4View, dst: bytes) -> None:
+        """A packet to a virtual-subnet address the gateway does not own: never a host
+        connect(); ICMP host unreachable, as a router whose ARP for it went unanswered."""
+        self.drops["to-guest-via-gateway" if self.switch.mac_for_ip(dst) is not None else "to-unassigned"] += 1
+        if ip.protocol == PROTO_ICMP:
+            icmp = IcmpView(ip.payload)
+            if icmp.type != ECHO_REQUEST:
+                return  # never an ICMP error about an ICMP error (RFC 1122 3.2.2)
+        # The original IP header and the first 8 bytes of its payload (RFC 792).
+        quoted = bytes(ip.buf[:ip.header_len + 8])
+        frame = icmp_frame(src_mac, self.mac, self.ip, ip.src, DEST_UNREACHABLE, UNREACH_HOST, b"\0\0\0\0",
+                           quoted)
+        self.switch.deliver(src_mac, frame)
+        self.counters["icmp-host-unreachable"] += 1
 
     def _input_icmp_to_gateway(self, src_mac: bytes, ip: Ipv4View) -> None:
         icmp = IcmpView(ip.payload)
@@ -227,11 +255,11 @@ class Gateway:
         self.switch.deliver(src_mac, frame)
         self.counters["icmp-echo-replies"] += 1
 
-    def _input_dhcp(self, src_mac: bytes, ip: Ipv4View, udp: UdpView, now: float) -> None:
+    def _input_dhcp(self, port: "Port", src_mac: bytes, ip: Ipv4View, udp: UdpView, now: float) -> None:
         if not udp.checksum_ok(ip.src, ip.dst):  # always: DHCP is rare and a partial sum is never sent
             self.drops["udp-checksum"] += 1
             return
-        reply = self.dhcp.handle_untrusted(udp.payload, src_mac=src_mac, now=now)
+        reply = self.dhcp.handle_untrusted(udp.payload, src_mac=src_mac, now=now, client=port.id)
         self._sync_binding(src_mac)
         self._leases_changed()
         if reply is None:
@@ -242,12 +270,22 @@ class Gateway:
 
     # ----- leases and port security -----
     def _sync_binding(self, mac: bytes) -> None:
+        """Make the switch's binding for ``mac`` match its lease (bound leases only)."""
         lease = self.leases.lookup_mac(mac)
         if lease is not None and lease.state == "bound":
             self.switch.bind_ip(mac, lease.ip.packed)
-            self.neighbors[lease.ip.packed] = mac
         else:
             self.switch.bind_ip(mac, None)
+
+    def _mac_replaced(self, port: "Port", old_mac: bytes) -> None:
+        """One port, one identity: a new MAC on ``port`` released ``old_mac``'s lease."""
+        lease = self.leases.release_mac(old_mac)
+        if lease is not None:
+            log.info("port %d: released %s of replaced MAC %s", port.id, lease.ip, format_mac(old_mac))
+            self.counters["leases-released-mac-replaced"] += 1
+        self._sync_binding(old_mac)
+        if lease is not None:
+            self._leases_changed()
 
     def reserve(self, mac: bytes, ip: IPv4Address | None = None, uuid: str | None = None):
         """Bind an address to ``mac`` without a DHCP exchange (static guest config)."""
@@ -291,16 +329,11 @@ class Gateway:
         if expired:
             self._leases_changed()
 
-    def _forget_port(self, port: "Port") -> None:
-        for ip, mac in list(self.neighbors.items()):
-            if mac in port.macs:
-                del self.neighbors[ip]
-
     def statistics(self) -> dict:
         return {
             "frames_in": self.frames_in,
             "drops": {k: v for k, v in self.drops.items() if v},
             "counters": dict(self.counters),
-            "dhcp": dict(self.dhcp.stats),
+            "dhcp": {**self.dhcp.stats, "quarantine_evictions": self.leases.quarantine_evictions},
             "reassembly": dict(self.reassembler.stats),
         }

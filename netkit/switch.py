@@ -5,12 +5,27 @@ Each attached link gets a reader task that takes frames in batches and feeds the
 that drains the link's queue. Frames for the gateway's MAC go to the gateway endpoint;
 broadcast and unknown unicast are flooded; known unicast goes to its port.
 
-Port security: a port may send only from ``max_macs_per_port`` MACs, learned from what it
-sends (a MAC without an address may be replaced by a new one, so a guest can change its
-MAC before it leases), and never from a MAC another port or the gateway owns; once that
-MAC holds a DHCP lease (or a reservation), IPv4 and ARP from it must carry the leased
-address (or 0.0.0.0 while it asks for one). Violations are dropped and counted, never
-raised.
+Port security (identity comes from bindings):
+
+- One port is one guest identity. A port sends from at most ``max_macs_per_port`` MACs,
+  learned from what it sends, never from a MAC another port or the gateway owns. A new
+  MAC beyond the limit replaces the port's oldest one, and that MAC's lease is released
+  (a guest that changes its MAC, or a VM restarted on the same socket, gets a fresh
+  lease instead of being locked out until the old one expires).
+- The lease table is authoritative for addresses. A MAC may source IPv4 only from the
+  address bound to it (a DHCP lease, an operator static lease or a reservation: see
+  ``bind_ip``), or from 0.0.0.0 for DHCP (client port 68 to server port 67) -- also
+  before it has any lease. ARP must carry the Ethernet source as sender MAC and the
+  bound address as sender IP (0.0.0.0 only in a request: a probe, RFC 5227). Anything
+  else -- claiming the gateway, the host alias, a NAT virtual IP, another guest's
+  address or an address nobody holds -- is dropped and counted (``spoofed-ip-*``,
+  ``spoofed-arp-*``), never delivered to the gateway nor forwarded or flooded to guests.
+- Guests do not act as DHCP servers (UDP from port 67 is dropped: ``rogue-dhcp-server``),
+  and only IPv4, ARP and IPv6 frames are switched.
+
+The binding table (address -> MAC) is the gateway's only neighbour table, so it is
+bounded by the lease table (the DHCP pool plus static leases). Violations are dropped
+and counted, never raised.
 """
 
 from __future__ import annotations
@@ -37,7 +52,15 @@ log = logging.getLogger("netkit.switch")
 
 _ETH_IPV4 = b"\x08\x00"
 _ETH_ARP = b"\x08\x06"
+_ETH_IPV6 = b"\x86\xdd"
 _UNSPECIFIED_IP = b"\0\0\0\0"
+#: ARP header for Ethernet/IPv4 (htype 1, ptype 0x0800, hlen 6, plen 4): the only kind
+#: whose sender fields sit where the checks read them.
+_ARP_ETH_IPV4 = b"\x00\x01\x08\x00\x06\x04"
+_ARP_OP_REQUEST = b"\x00\x01"
+_UDP = 17
+_DHCP_SERVER_PORT = b"\x00\x43"
+_DHCP_CLIENT_TO_SERVER = b"\x00\x44\x00\x43"
 
 
 class SwitchError(Exception):
@@ -50,7 +73,8 @@ class Port:
 
     id: int
     link: Link
-    macs: set[bytes] = field(default_factory=set)
+    #: MACs this port sends from, oldest first (at most ``Config.max_macs_per_port``).
+    macs: dict[bytes, None] = field(default_factory=dict)
     #: Set when the port's link is gone; frames for it are no longer delivered.
     detached: bool = False
     _done: trio.Event = field(default_factory=trio.Event, repr=False)
@@ -97,8 +121,11 @@ class Switch:
         self._port_ids = itertools.count(1)
         #: MAC -> port that owns it (learned from source addresses).
         self._mac_table: dict[bytes, Port] = {}
-        #: MAC -> the only IPv4 address (packed) that MAC may send from.
+        #: MAC -> the only IPv4 address (packed) that MAC may send from, and the reverse
+        #: (address -> MAC): the neighbour table. Both mirror the lease table's bound
+        #: leases (set through ``bind_ip``), so they are bounded by it.
         self._ip_bindings: dict[bytes, bytes] = {}
+        self._ip_owners: dict[bytes, bytes] = {}
         self.frames_in = 0
         self.frames_out = 0
         self.macs_relearned = 0
@@ -113,6 +140,7 @@ class Switch:
         self.sntp = None  # netkit.ntp.SntpServer
         self.http_proxy = None  # netkit.http_proxy.HttpProxy
         self._detach_hooks: list[Callable[[Port], None]] = []
+        self._mac_replaced_hooks: list[Callable[[Port, bytes], None]] = []
         self._batch_hooks: list[Callable[[], None]] = []
         self._capture = None
         #: Which destinations guests may reach (netkit.policy); install ``policy.hook`` to decide in Python.
@@ -140,6 +168,11 @@ class Switch:
     def on_detach(self, hook: Callable[[Port], None]) -> None:
         """Call ``hook(port)`` when a port goes away (flows it owned are torn down there)."""
         self._detach_hooks.append(hook)
+
+    def on_mac_replaced(self, hook: Callable[[Port, bytes], None]) -> None:
+        """Call ``hook(port, old_mac)`` when a new MAC on ``port`` displaces ``old_mac``
+        (the gateway releases ``old_mac``'s lease there: one port, one identity)."""
+        self._mac_replaced_hooks.append(hook)
 
     def on_batch_done(self, hook: Callable[[], None]) -> None:
         """Call ``hook()`` after each batch of frames from a link has been input, so
@@ -187,11 +220,34 @@ class Switch:
 
     # ----- IP port security -----
     def bind_ip(self, mac: bytes, ip: bytes | None) -> None:
-        """Allow ``mac`` to send IPv4 only from ``ip`` (None lifts the restriction)."""
+        """Bind ``ip`` (packed) to ``mac``: the only IPv4 source ``mac`` may use, and the
+        MAC the gateway sends ``ip``'s traffic to. None removes ``mac``'s binding (it
+        may then send only DHCP from 0.0.0.0). One address has one MAC: binding it to
+        ``mac`` unbinds whichever MAC held it before."""
+        mac = bytes(mac)
+        old_ip = self._ip_bindings.pop(mac, None)
+        if old_ip is not None and self._ip_owners.get(old_ip) == mac:
+            del self._ip_owners[old_ip]
         if ip is None:
-            self._ip_bindings.pop(mac, None)
-        else:
-            self._ip_bindings[mac] = ip
+            return
+        ip = bytes(ip)
+        previous = self._ip_owners.get(ip)
+        if previous is not None and previous != mac:
+            self._ip_bindings.pop(previous, None)
+        self._ip_bindings[mac] = ip
+        self._ip_owners[ip] = mac
+
+    def bound_ip(self, mac: bytes) -> bytes | None:
+        """The address bound to ``mac`` (packed), or None."""
+        return self._ip_bindings.get(mac)
+
+    def mac_for_ip(self, ip: bytes) -> bytes | None:
+        """The MAC an address is bound to (the neighbour table), or None."""
+        return self._ip_owners.get(ip)
+
+    def bindings(self) -> dict[bytes, bytes]:
+        """A copy of the neighbour table: bound address (packed) -> MAC."""
+        return dict(self._ip_owners)
 
     def port_for_mac(self, mac: bytes) -> Port | None:
         return self._mac_table.get(mac)
@@ -208,19 +264,21 @@ class Switch:
         src = frame[6:12]
         if src not in port.macs and not self._learn(port, src):
             return
-        bound_ip = self._ip_bindings.get(src)
-        if bound_ip is not None:
-            ethertype = frame[12:14]
-            if ethertype == _ETH_IPV4:
-                sip = frame[26:30]
-                if sip != bound_ip and sip != _UNSPECIFIED_IP:
-                    self.drops["spoofed-ip"] += 1
+        ethertype = frame[12:14]
+        if ethertype == _ETH_IPV4:
+            # The hot path: one lookup and one compare for a guest sending from its address.
+            if frame[26:30] != self._ip_bindings.get(src):
+                if not self._unbound_ipv4_allowed(src, frame):
                     return
-            elif ethertype == _ETH_ARP:
-                sip = frame[28:32]
-                if sip != bound_ip and sip != _UNSPECIFIED_IP:
-                    self.drops["spoofed-ip"] += 1
-                    return
+            elif frame[23] == _UDP and self._from_dhcp_server_port(frame):
+                self.drops["rogue-dhcp-server"] += 1
+                return
+        elif ethertype == _ETH_ARP:
+            if not self._arp_allowed(src, frame):
+                return
+        elif ethertype != _ETH_IPV6:
+            self.drops["ethertype"] += 1
+            return
         dst = frame[0:6]
         gateway = self.gateway
         if gateway is not None and dst == gateway.mac:
@@ -260,21 +318,86 @@ class Switch:
         if owner is not None and owner is not port:
             self.drops["spoofed-mac"] += 1
             return False
-        if len(port.macs) >= self.config.max_macs_per_port:
-            # A guest may change its MAC (ip link set address) until that MAC holds an
-            # address: then the port is locked to it.
-            unbound = next((mac for mac in port.macs if mac not in self._ip_bindings), None)
-            if unbound is None:
-                self.drops["spoofed-mac"] += 1
-                return False
-            port.macs.discard(unbound)
-            if self._mac_table.get(unbound) is port:
-                del self._mac_table[unbound]
-            self.macs_relearned += 1
-        port.macs.add(src)
+        macs = port.macs
+        while len(macs) >= self.config.max_macs_per_port:
+            # One port is one guest: a new MAC (``ip link set address``, a VM restarted
+            # on the same socket) replaces the oldest, whose lease is released, so a port
+            # never holds more than max_macs_per_port identities (or leases).
+            self._replace_mac(port, next(iter(macs)))
+        macs[src] = None
         self._mac_table[src] = port
         log.debug("port %d learned %s", port.id, format_mac(src))
         return True
+
+    def _replace_mac(self, port: Port, old: bytes) -> None:
+        del port.macs[old]
+        if self._mac_table.get(old) is port:
+            del self._mac_table[old]
+        self.macs_relearned += 1
+        log.info("port %d: %s replaced by a new MAC", port.id, format_mac(old))
+        for hook in self._mac_replaced_hooks:
+            try:
+                hook(port, old)
+            except Exception:  # a hook's bug must not wedge the switch
+                log.exception("mac-replaced hook failed for port %d", port.id)
+        # Whatever the hooks did, the old MAC keeps no address.
+        self.bind_ip(old, None)
+
+    # ----- identity checks (the slow path: frames that are not from the bound address) -----
+    def _unbound_ipv4_allowed(self, src: bytes, frame) -> bool:
+        """IPv4 whose source is not ``src``'s bound address: only DHCP from 0.0.0.0."""
+        if len(frame) < 34 or frame[14] >> 4 != 4:
+            self.drops["malformed-ipv4"] += 1
+            return False
+        sip = frame[26:30]
+        if sip == _UNSPECIFIED_IP:
+            if self._is_dhcp_client_request(frame):
+                return True
+            self.drops["unspecified-source"] += 1
+            return False
+        self.drops[self._claim("spoofed-ip", src, sip)] += 1
+        return False
+
+    def _arp_allowed(self, src: bytes, frame) -> bool:
+        if len(frame) < 42 or frame[14:20] != _ARP_ETH_IPV4:
+            self.drops["arp-malformed"] += 1
+            return False
+        if frame[22:28] != src:
+            self.drops["spoofed-arp-mac"] += 1
+            return False
+        sip = frame[28:32]
+        if sip == self._ip_bindings.get(src):
+            return True
+        if sip == _UNSPECIFIED_IP and frame[20:22] == _ARP_OP_REQUEST:
+            return True  # a probe (RFC 5227): asks, claims nothing
+        self.drops[self._claim("spoofed-arp", src, sip)] += 1
+        return False
+
+    def _claim(self, kind: str, src: bytes, sip: bytes) -> str:
+        """The drop reason for ``src`` claiming address ``sip`` it is not bound to."""
+        gateway = self.gateway
+        if gateway is not None and sip in gateway.arp_owned:
+            return kind + "-gateway"  # the gateway, the host alias or a NAT virtual IP
+        owner = self._ip_owners.get(sip)
+        if owner is not None and owner != src:
+            return kind + "-guest"
+        return kind + "-unassigned"
+
+    @staticmethod
+    def _udp_ports(frame) -> bytes | None:
+        """Source and destination port of an unfragmented (or first-fragment) UDP datagram."""
+        if frame[23] != _UDP or (frame[20] & 0x1F) or frame[21]:
+            return None
+        offset = 14 + (frame[14] & 0x0F) * 4
+        ports = frame[offset:offset + 4]
+        return ports if len(ports) == 4 else None
+
+    def _is_dhcp_client_request(self, frame) -> bool:
+        return self._udp_ports(frame) == _DHCP_CLIENT_TO_SERVER
+
+    def _from_dhcp_server_port(self, frame) -> bool:
+        ports = self._udp_ports(frame)
+        return ports is not None and ports[:2] == _DHCP_SERVER_PORT
 
     def _send(self, port: Port, frame, offload=None) -> None:
         port.send(frame, offload)
@@ -336,5 +459,6 @@ class Switch:
             "frames_in": self.frames_in,
             "frames_out": self.frames_out,
             "macs_relearned": self.macs_relearned,
+            "bindings": len(self._ip_owners),
             "drops": {k: v for k, v in self.drops.items() if v},
         }

@@ -18,6 +18,15 @@ Address choice for a client, in the order RFC 2131 section 4.3.1 gives:
 
 Memory is bounded by the pool: live leases, history and quarantine are all keyed by
 address, and each MAC holds at most one lease.
+
+DHCPDECLINE quarantine (RFC 2131 section 4.3.3: the server marks a declined address as
+not available) is bounded so that declines cannot take the pool away from other
+guests: one client (the gateway passes the switch port) keeps at most
+``Config.decline_max_per_port`` addresses in quarantine and the table at most
+``Config.decline_max_pool_fraction`` of the pool; beyond either, the oldest quarantined
+address (of that client, then overall) goes back to the pool early. Quarantine is not
+saved by :meth:`LeaseTable.to_json`: after a restart a conflicting address is simply
+found again by the client's own check.
 """
 
 from __future__ import annotations
@@ -110,9 +119,13 @@ class LeaseTable:
         #: order is age (oldest first), used when the pool has no never-used address left.
         self._previous_holder: dict[IPv4Address, bytes] = {}
         self._previous_ip: dict[bytes, IPv4Address] = {}
-        #: Address -> end of its quarantine after a DHCPDECLINE. Insertion order is
-        #: expiry order, since every quarantine lasts the same time.
-        self._quarantine: dict[IPv4Address, float] = {}
+        #: Address -> (end of its quarantine after a DHCPDECLINE, the client that declined
+        #: it). Insertion order is expiry order, since every quarantine lasts the same time.
+        self._quarantine: dict[IPv4Address, tuple[float, object]] = {}
+        #: Most addresses in quarantine at once: never the whole pool.
+        self._max_quarantine = int(len(self._pool) * config.decline_max_pool_fraction)
+        #: Quarantined addresses returned to the pool early because a cap was reached.
+        self.quarantine_evictions = 0
         #: vpnkit UUID <-> MAC; insertion order is age, for the size bound.
         self._uuid_to_mac: dict[str, bytes] = {}
         self._mac_to_uuid: dict[bytes, str] = {}
@@ -148,8 +161,8 @@ class LeaseTable:
 
     def is_quarantined(self, ip: IPv4Address, now: float) -> bool:
         """True while ``ip`` is out of the pool after a DHCPDECLINE."""
-        until = self._quarantine.get(IPv4Address(ip))
-        return until is not None and until > now
+        entry = self._quarantine.get(IPv4Address(ip))
+        return entry is not None and entry[0] > now
 
     def next_expiry(self) -> float | None:
         """When the next lease expires (for the caller's timer), or None if none will."""
@@ -233,9 +246,10 @@ class LeaseTable:
         self._remove(lease, remember=True)
         return True
 
-    def decline(self, mac: bytes, ip: IPv4Address, now: float) -> bool:
+    def decline(self, mac: bytes, ip: IPv4Address, now: float, *, client: object = None) -> bool:
         """``mac`` found ``ip`` in use by someone else (DHCPDECLINE): drop the lease and
-        keep the address out of the pool for ``Config.decline_seconds``.
+        keep the address out of the pool for ``Config.decline_seconds``, within the caps
+        (see the module docstring); ``client`` names who declined (the switch port).
 
         Only the client holding the lease may decline it, so a guest cannot take other
         guests' addresses out of the pool. Returns False if ignored for that reason.
@@ -248,9 +262,17 @@ class LeaseTable:
             return False
         self._remove(lease)
         if not lease.static:  # a static address cannot go to anyone else anyway
-            self._quarantine.pop(ip, None)  # re-insert at the end: keeps expiry order
-            self._quarantine[ip] = now + self._config.decline_seconds
+            self._add_quarantine(ip, now, client if client is not None else mac)
         return True
+
+    def release_mac(self, mac: bytes) -> Lease | None:
+        """Drop whatever lease ``mac`` holds, offered or bound, reserved included (its
+        port now speaks with another MAC: one port, one identity). The address is
+        remembered as ``mac``'s, as by :meth:`release`. Returns the lease dropped."""
+        lease = self._by_mac.get(bytes(mac))
+        if lease is not None:
+            self._remove(lease, remember=True)
+        return lease
 
     def reserve(self, mac: bytes, now: float, *, ip: IPv4Address | None = None,
                 uuid: str | None = None) -> Lease:
@@ -356,7 +378,6 @@ class LeaseTable:
                 for lease in self._by_mac.values() if lease.state == BOUND
             ],
             "history": [[format_mac(mac), str(ip)] for ip, mac in self._previous_holder.items()],
-            "quarantine": [[str(ip), until - now] for ip, until in self._quarantine.items() if until > now],
             "uuids": [[uuid, format_mac(mac)] for uuid, mac in self._uuid_to_mac.items()],
         }
 
@@ -379,10 +400,8 @@ class LeaseTable:
                 mac, ip = parse_mac(mac_text), IPv4Address(ip_text)
                 if table._in_pool(ip) and ip not in table._static_ips and ip not in table._by_ip:
                     table._remember(mac, ip)
-            for ip_text, remaining in data.get("quarantine", []):
-                ip = IPv4Address(ip_text)
-                if table._in_pool(ip):
-                    table._quarantine[ip] = now + _seconds(remaining)
+            # "quarantine" (written by earlier versions) is ignored: a DECLINE is not a
+            # lock-out that outlives the process.
             for item in data.get("leases", []):
                 mac, ip = parse_mac(item["mac"]), IPv4Address(item["ip"])
                 remaining = item.get("remaining")
@@ -537,7 +556,22 @@ class LeaseTable:
                 self._unreported.append(lease)
         quarantine = self._quarantine
         while quarantine:
-            ip, until = next(iter(quarantine.items()))
+            ip, (until, _) = next(iter(quarantine.items()))
             if until > now:
                 break
             del quarantine[ip]
+
+    def _add_quarantine(self, ip: IPv4Address, now: float, client: object) -> None:
+        quarantine = self._quarantine
+        quarantine.pop(ip, None)  # re-inserted at the end: keeps expiry order
+        mine = [held for held, (_, who) in quarantine.items() if who == client]
+        while mine and len(mine) >= self._config.decline_max_per_port:
+            del quarantine[mine.pop(0)]  # this client's oldest
+            self.quarantine_evictions += 1
+        while quarantine and len(quarantine) >= self._max_quarantine:
+            del quarantine[next(iter(quarantine))]  # the oldest overall
+            self.quarantine_evictions += 1
+        if self._config.decline_max_per_port > 0 and self._max_quarantine > 0:
+            quarantine[ip] = (now + self._config.decline_seconds, client)
+        else:
+            self.quarantine_evictions += 1

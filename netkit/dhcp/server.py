@@ -182,12 +182,13 @@ class DhcpServer:
 
     # ----- input -----
     def handle_untrusted(self, payload: bytes | memoryview, *, src_mac: bytes,
-                         now: float) -> DhcpReply | None:
+                         now: float, client: object = None) -> DhcpReply | None:
         """Handle one message from a guest; return the reply to send, if any.
 
         Never raises on bad input: malformed messages, messages whose ``chaddr`` is not
         the Ethernet source (a guest must not take leases for other MACs) and server-only
-        message types are counted in ``stats`` and dropped.
+        message types are counted in ``stats`` and dropped. ``client`` names the sender
+        for per-client shares (the gateway passes the switch port's id).
         """
         self.stats["received"] += 1
         try:
@@ -202,6 +203,8 @@ class DhcpServer:
                 self.stats["unexpected_type"] += 1
                 return None
             self.stats[o.MESSAGE_TYPE_NAMES[request.message_type]] += 1
+            if request.message_type == o.DHCPDECLINE:
+                return self._on_decline(request, now, client)
             return handler(request, now)
         except MalformedPacket:
             self.stats["malformed"] += 1
@@ -257,13 +260,13 @@ class DhcpServer:
         return self._reply(request, o.DHCPACK, yiaddr=lease.ip, ciaddr=request.ciaddr,
                            options=self._lease_options())
 
-    def _on_decline(self, request: DhcpRequest, now: float) -> None:
+    def _on_decline(self, request: DhcpRequest, now: float, client: object = None) -> None:
         server_id = request.option_ip(o.OPT_SERVER_ID)
         declined = request.option_ip(o.OPT_REQUESTED_IP)
         if declined is None:
             raise MalformedPacket("DHCPDECLINE names no address")
         if (server_id is not None and server_id != self._server_id) or \
-                not self.leases.decline(request.chaddr, declined, now):
+                not self.leases.decline(request.chaddr, declined, now, client=client):
             self.stats["decline_ignored"] += 1
         return None
 

@@ -8,12 +8,18 @@ written then starts with a 10-byte ``struct virtio_net_hdr`` (host byte order)::
     u8 flags, u8 gso_type, u16 hdr_len, u16 gso_size, u16 csum_start, u16 csum_offset
 
 ``receive_batch`` strips it; ``send(frame, TxOffload(...))`` builds it.
+
+A tap netkit creates gets a stable MAC (``stable_tap_mac``: derived from its name and
+namespace) instead of the kernel's random one: the tap is the guest's interface, and the
+guest's MAC is its identity in the lease table, so a restarted switch (``--state``)
+gives the same tap the same address again.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import fcntl
 import os
 import socket
@@ -29,6 +35,7 @@ from ._util import MAX_BATCH_FRAMES, logger
 
 __all__ = [
     "TapLink",
+    "stable_tap_mac",
     "VnetHeader",
     "VNET_HDR_LEN",
     "VIRTIO_NET_HDR_F_NEEDS_CSUM",
@@ -56,6 +63,8 @@ _TUN_F_TSO6 = 0x04
 _SIOCGIFFLAGS = 0x8913
 _SIOCSIFFLAGS = 0x8914
 _SIOCSIFMTU = 0x8922
+_SIOCSIFHWADDR = 0x8924
+_ARPHRD_ETHER = 1
 _SIOCSIFTXQLEN = 0x8943
 #: The guest's transmit queue towards netkit. The kernel default (1000 frames) overflows
 #: when a guest bursts thousands of SYNs (a port scan, a connection storm) faster than a
@@ -161,9 +170,18 @@ def _in_netns(netns: str | None) -> Iterator[None]:
         os.close(target)
 
 
-def _configure_interface(name: str, mtu: int) -> None:
-    """Set the MTU and bring the interface up (in the current thread's namespace)."""
+def stable_tap_mac(name: str, netns: str | None = None) -> bytes:
+    """A locally administered unicast MAC derived from a tap's name and namespace: the
+    same tap gets the same MAC every time netkit creates it."""
+    digest = hashlib.sha256(f"netkit-tap\0{netns or ''}\0{name}".encode()).digest()
+    return bytes([(digest[0] & 0xFC) | 0x02]) + digest[1:6]
+
+
+def _configure_interface(name: str, mtu: int, mac: bytes | None = None) -> None:
+    """Set the MAC and MTU and bring the interface up (in the current thread's namespace)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as ctl:
+        if mac is not None:
+            fcntl.ioctl(ctl, _SIOCSIFHWADDR, struct.pack("16sH6s8x", name.encode(), _ARPHRD_ETHER, mac))
         fcntl.ioctl(ctl, _SIOCSIFMTU, struct.pack("16si20x", name.encode(), mtu))
         fcntl.ioctl(ctl, _SIOCSIFTXQLEN, struct.pack("16si20x", name.encode(), TAP_TX_QUEUE_LEN))
         current = fcntl.ioctl(ctl, _SIOCGIFFLAGS, _ifreq(name))
@@ -197,6 +215,8 @@ class TapLink(Link):
         self.name = name
         self.offload = offload
         self.mtu = mtu
+        #: The guest interface's MAC when netkit created the tap (None for an adopted fd).
+        self.mac: bytes | None = None
         self._fd = fd
         self._eof = False
         os.set_blocking(fd, False)
@@ -209,9 +229,15 @@ class TapLink(Link):
         netns: str | None = None,
         offload: bool = False,
         mtu: int = 1500,
+        mac: bytes | None = None,
         send_queue_bytes: int = DEFAULT_SEND_QUEUE_BYTES,
     ) -> "TapLink":
-        """Create tap ``name`` (inside ``netns`` if given), set ``mtu``, bring it up."""
+        """Create tap ``name`` (inside ``netns`` if given), set its MAC (``mac``, by
+        default ``stable_tap_mac(name, netns)``) and ``mtu``, bring it up."""
+        if mac is None:
+            mac = stable_tap_mac(name, netns)
+        elif len(mac) != 6 or mac[0] & 1:
+            raise ValueError("mac: must be a 6-byte unicast MAC")
         flags = _IFF_TAP | _IFF_NO_PI | (_IFF_VNET_HDR if offload else 0)
         with _in_netns(netns):
             # The tun fd's namespace is fixed when /dev/net/tun is opened; the device is
@@ -221,12 +247,14 @@ class TapLink(Link):
                 fcntl.ioctl(fd, _TUNSETIFF, _ifreq(name, flags))
                 if offload:
                     fcntl.ioctl(fd, _TUNSETOFFLOAD, _TUN_F_CSUM | _TUN_F_TSO4 | _TUN_F_TSO6)
-                _configure_interface(name, mtu)
+                _configure_interface(name, mtu, mac)
             except BaseException:
                 os.close(fd)
                 raise
         label = f"tap:{netns}/{name}" if netns else f"tap:{name}"
-        return cls(fd, name=label, offload=offload, mtu=mtu, send_queue_bytes=send_queue_bytes)
+        link = cls(fd, name=label, offload=offload, mtu=mtu, send_queue_bytes=send_queue_bytes)
+        link.mac = mac
+        return link
 
     @classmethod
     def adopt(

@@ -4,7 +4,10 @@ vfkit (``--device virtio-net,unixSocketPath=PATH``) connects a datagram socket t
 path we bind and sends frames; it may first send the 4-byte magic ``b"VFKT"`` so we
 learn its address before any frame. We reply to the address the first datagram came
 from. A later ``VFKT`` from a different address means vfkit restarted: the link
-switches to the new peer.
+switches to the new peer. So does a frame from a new address once the current peer is
+gone (its socket is no longer bound: a VM restarted with a new socket path and no
+``VFKT``); while the current peer is alive, other senders are ignored. On the switch
+the new peer is the same port, so a new MAC it uses replaces the old one's binding.
 """
 
 from __future__ import annotations
@@ -41,8 +44,9 @@ class VfkitLink(Link):
 
     Create with ``VfkitLink.bind(path)``. Frames sent before the peer is known are
     dropped (``stats.send_dropped``). Datagrams from an address other than the peer's
-    are counted in ``stats.receive_errors`` and dropped, except ``VFKT``, which
-    re-targets the link. The path is unlinked on close.
+    are counted in ``stats.receive_errors`` and dropped while the peer is alive; ``VFKT``
+    from a new address, or any datagram once the peer is gone, re-targets the link.
+    The path is unlinked on close.
     """
 
     def __init__(self, sock: socket.socket, path: str, *, send_queue_bytes: int = DEFAULT_SEND_QUEUE_BYTES) -> None:
@@ -119,13 +123,30 @@ class VfkitLink(Link):
             if self.peer is None:
                 self.peer = addr
             elif addr != self.peer:
-                self.stats.receive_errors += 1
-                continue
+                if self._peer_alive(self.peer):
+                    self.stats.receive_errors += 1
+                    continue
+                logger.info("%s: vfkit peer %s is gone; %s takes the link", self.name, self.peer, addr)
+                self.peer = addr
             if not data:
                 self.stats.receive_errors += 1
                 continue
             frames.append(data)
         return frames
+
+    @staticmethod
+    def _peer_alive(peer: str) -> bool:
+        """True while a socket is bound at ``peer`` (connecting a datagram socket sends
+        nothing; it fails with ECONNREFUSED or ENOENT once the peer is gone). Only asked
+        when a datagram comes from another address, which is rare."""
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            probe.connect(peer)
+        except OSError as e:
+            return e.errno not in (errno.ECONNREFUSED, errno.ENOENT)
+        finally:
+            probe.close()
+        return True
 
     # ----- sending -----
     def _try_send(self, frame: Frame, offload: TxOffload | None) -> bool:

@@ -265,7 +265,7 @@ def test_config_rejects_conflicting_static_leases():
 # ----- decline -----
 
 def test_decline_quarantines_the_address():
-    config = tiny_config(2, decline_seconds=600.0)
+    config = tiny_config(2, decline_seconds=600.0, decline_max_pool_fraction=0.5)
     table = LeaseTable(config)
     ip = table.offer(MAC_A, 0.0).ip
     table.bind(MAC_A, ip, 0.0)
@@ -368,8 +368,8 @@ def test_json_round_trip():
     b = restored.lookup_mac(MAC_B)
     assert b.ip == pinned.ip and b.pinned
     assert restored.lookup_mac(mac(9)) is None
-    assert restored.is_quarantined(declined, 5000.0)
-    assert not restored.is_quarantined(declined, 5000.0 + config.decline_seconds)
+    assert "quarantine" not in document  # a DECLINE is no lock-out that outlives the process
+    assert not restored.is_quarantined(declined, 5000.0)
     assert restored.offer(mac(7), 5000.0).ip == released  # history kept
     assert restored.offer(MAC_C, 5000.0).ip == static_ip  # uuid association kept
     assert restored.to_json(5000.0)["version"] == 1
@@ -392,11 +392,59 @@ def test_from_json_skips_entries_that_no_longer_fit_the_config():
     {"version": 1, "leases": [{"ip": "192.168.65.5"}]},
     {"version": 1, "leases": [{"mac": "zz", "ip": "192.168.65.5", "remaining": 1}]},
     {"version": 1, "history": [["02:00:00:00:00:01"]]},
-    {"version": 1, "quarantine": "nope"},
-    {"version": 1, "quarantine": [["192.168.65.5", "nan"]]},
     {"version": 1, "leases": [{"mac": "02:00:00:00:00:01", "ip": "192.168.65.5", "remaining": -1}]},
     ["not", "a", "dict"],
 ])
 def test_from_json_rejects_malformed_documents(document):
     with pytest.raises(LeaseError):
         LeaseTable.from_json(Config(), document, 0.0)
+
+
+# ----- bounded DECLINE quarantine, one identity per port -----
+
+def test_a_quarantine_from_an_older_state_file_is_ignored():
+    document = {"version": 1, "quarantine": [["192.168.65.5", 500.0]]}
+    restored = LeaseTable.from_json(Config(), document, 0.0)
+    assert not restored.is_quarantined(IPv4Address("192.168.65.5"), 1.0)
+
+
+def test_decline_quarantine_per_client_is_capped():
+    config = Config(decline_max_per_port=3)
+    table = LeaseTable(config)
+    declined = []
+    for n in range(10):  # one port rotating MACs: bind, decline, next
+        ip = table.offer(mac(n), 0.0).ip
+        table.bind(mac(n), ip, 0.0)
+        assert table.decline(mac(n), ip, 0.0, client="port-1")
+        declined.append(ip)
+    quarantined = [ip for ip in declined if table.is_quarantined(ip, 1.0)]
+    assert quarantined == declined[-3:]  # the port's newest three; the older went back
+    assert table.quarantine_evictions == 7
+    # another client has its own share
+    ip = table.offer(mac(100), 0.0).ip
+    table.bind(mac(100), ip, 0.0)
+    table.decline(mac(100), ip, 0.0, client="port-2")
+    assert table.is_quarantined(ip, 1.0) and table.is_quarantined(declined[-1], 1.0)
+
+
+def test_decline_quarantine_never_takes_more_than_its_share_of_the_pool():
+    config = tiny_config(8, decline_max_per_port=100, decline_max_pool_fraction=0.25)
+    table = LeaseTable(config)
+    for n in range(40):  # many clients, each declining once
+        lease = table.offer(mac(n), float(n))
+        assert lease is not None, "declines took the whole pool"
+        table.bind(mac(n), lease.ip, float(n))
+        table.decline(mac(n), lease.ip, float(n), client=n)
+    quarantined = [IPv4Address(a) for a in config.pool() if table.is_quarantined(IPv4Address(a), 40.0)]
+    assert len(quarantined) == 2  # a quarter of 8
+    assert table.offer(mac(999), 40.0) is not None
+
+
+def test_release_mac_drops_any_lease_and_remembers_the_address():
+    table = LeaseTable(Config())
+    offered = table.offer(MAC_A, 0.0)
+    assert table.release_mac(MAC_A) is offered and table.lookup_mac(MAC_A) is None
+    pinned = table.reserve(MAC_B, 0.0, ip=IPv4Address("192.168.65.77"))
+    assert table.release_mac(MAC_B) is pinned and table.lookup_ip(IPv4Address("192.168.65.77")) is None
+    assert table.offer(MAC_B, 1.0).ip == IPv4Address("192.168.65.77")  # it would get it back
+    assert table.release_mac(MAC_C) is None

@@ -193,3 +193,19 @@ async def test_live_path_is_not_stolen(sock_dir):
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
             sender.sendto(b"still mine", path)
         assert live.recv(100) == b"still mine"
+
+
+async def test_a_new_sender_takes_over_once_the_peer_is_gone(vfkit, sock_dir):
+    """A VM restarted with a new socket path and no VFKT: the link follows it once the
+    old peer's socket is gone (while it is alive, strangers are ignored: see above)."""
+    link, vm = vfkit
+    await vm.send(b"a" * 60)
+    assert await link.receive_batch() == [b"a" * 60]
+    vm.close()  # the old VM is gone; its path stays behind, unbound
+    restarted = await FakeVfkit(str(sock_dir / "vm2.sock"), link.path).start()
+    await restarted.send(b"b" * 60)
+    assert await link.receive_batch() == [b"b" * 60]
+    assert link.peer == restarted.path and link.stats.receive_errors == 0
+    link.send(b"c" * 60)
+    assert await restarted.recv() == b"c" * 60
+    restarted.close()
