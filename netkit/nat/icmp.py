@@ -47,6 +47,9 @@ def _flow_port(flow) -> "Port":
 
 log = logging.getLogger("netkit.nat.icmp")
 
+#: Most messages read from one socket before yielding to other tasks.
+_READ_BATCH = 64
+
 
 @dataclass(eq=False)
 class EchoFlow:
@@ -200,7 +203,9 @@ class IcmpNat:
                     await trio.lowlevel.wait_readable(sock)
                 except trio.ClosedResourceError:
                     return
-                while not flow.closed:
+                for _ in range(_READ_BATCH):  # bounded: a socket that keeps failing still yields
+                    if flow.closed:
+                        return
                     try:
                         data, (addr, _port) = sock.recvfrom(65535)
                     except BlockingIOError:
@@ -222,7 +227,9 @@ class IcmpNat:
                 await trio.lowlevel.wait_readable(sock)
             except trio.ClosedResourceError:
                 return
-            while self._raw is sock:
+            for _ in range(_READ_BATCH):
+                if self._raw is not sock:
+                    return
                 try:
                     data, (addr, _port) = sock.recvfrom(65535)
                 except BlockingIOError:
