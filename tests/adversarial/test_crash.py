@@ -508,3 +508,21 @@ async def test_flow_errors_in_stats_and_metrics(tmp_path):
         metrics = render_metrics(switch)
         assert "netkit_flow_errors_total 1" in metrics
         assert 'netkit_flow_errors_by_unit_total{unit="udp-nat"} 1' in metrics
+
+
+async def test_a_failing_guest_link_ends_that_port_only(tmp_path):
+    """A per-guest task (the port's reader) that raises detaches that port alone."""
+    async with _broken_world(tmp_path) as (switch, _host, _attacker, victim, echo, nursery):
+        broken = await _attach_guest(switch, nursery)
+        port = switch.port_for_mac(broken.mac)
+        link = port.link
+
+        async def receive_batch():
+            raise InjectedFailure("the link's reader")
+
+        link.receive_batch = receive_batch
+        send_ping(broken, switch.config.gateway_mac, GATEWAY, ident=1)  # wakes the reader into the failure
+        await wait_until(lambda: _errors(switch, "port") == 1, what="the failure counted")
+        await wait_until(lambda: port.detached, what="the port detached")
+        assert port not in switch.ports()
+        await _victim_unaffected(switch, victim, echo)
