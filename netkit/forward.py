@@ -313,6 +313,7 @@ class PortForwarder:
         self._udp_by_port.pop(flow.local_port, None)
         self.switch.udp_nat.reverse.pop((self.switch.config.host_ip.packed, flow.local_port), None)
 
+
 def _reset(conn: socket.socket) -> None:
     """Close an accepted host connection with RST (SO_LINGER 0)."""
     try:

@@ -12,11 +12,11 @@ only, is counted in ``flow-errors``, and the victim guest goes on.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import socket
 import struct
 from contextlib import asynccontextmanager
+from ipaddress import IPv4Address
 
 import pytest
 import trio
@@ -101,7 +101,7 @@ async def test_udp_flow_evicted_while_its_reader_is_scheduled(netkit_switch, hos
     assert switch.statistics()["flow-errors"] == 0
 
 
-async def test_udp_flows_released_mid_stream_at_shutdown(netkit_config, nursery):
+async def test_udp_flows_released_mid_stream_at_shutdown(netkit_config):
     """Leaving ``open_switch`` while flows are being flooded closes them quietly."""
     fds = _fds()
     with Streamer() as streamer:
@@ -144,10 +144,6 @@ class PingSocketHost(HostNetwork):
         sock.setblocking(False)
         sock.bind(("127.0.0.1", 0))
         return sock, False
-
-
-class _Echo(bytes):
-    pass
 
 
 def _echo_reply_payload() -> bytes:
@@ -346,8 +342,6 @@ async def test_forced_icmp_nat_failure_ends_that_flow_only(tmp_path):
 
 def _fail_tcp_service_for(switch, port: int, guest: FakeGuest) -> None:
     """Make the gateway's TCP service on ``port`` raise for ``guest``'s connections only."""
-    from ipaddress import IPv4Address
-
     real = switch.tcp_nat.services[port]
 
     async def handler(stream, client):
@@ -390,7 +384,6 @@ async def test_forced_tcp_service_failure_ends_that_connection_only(tmp_path, po
 
 async def test_forced_dns_query_failure_ends_that_query_only(tmp_path):
     import dnslib
-    from ipaddress import IPv4Address
 
     async with _broken_world(tmp_path) as (switch, _host, attacker, victim, echo, _nursery):
         dns = switch.dns
@@ -438,7 +431,7 @@ async def test_forced_tcp_forward_failure_ends_that_connection_only(tmp_path):
         probe.bind(("127.0.0.1", 0))
         local = probe.getsockname()[1]
         probe.close()
-        switch.forwarder.add("tcp", f"127.0.0.1:{local}", f"{IPv4Address_str(attacker.ip)}:80")
+        switch.forwarder.add("tcp", f"127.0.0.1:{local}", f"{_dotted(attacker.ip)}:80")
         tcp_nat = switch.tcp_nat
         real = tcp_nat.open_to_guest
 
@@ -460,9 +453,7 @@ async def test_forced_tcp_forward_failure_ends_that_connection_only(tmp_path):
         await _victim_unaffected(switch, victim, echo)
 
 
-def IPv4Address_str(packed: bytes) -> str:
-    from ipaddress import IPv4Address
-
+def _dotted(packed: bytes) -> str:
     return str(IPv4Address(packed))
 
 
@@ -472,13 +463,11 @@ async def test_forced_udp_forward_failure_ends_that_flow_only(tmp_path):
         probe.bind(("127.0.0.1", 0))
         local = probe.getsockname()[1]
         probe.close()
-        switch.forwarder.add("udp", f"127.0.0.1:{local}", f"{IPv4Address_str(victim.ip)}:7000")
+        switch.forwarder.add("udp", f"127.0.0.1:{local}", f"{_dotted(victim.ip)}:7000")
         forwarder = switch.forwarder
         real = forwarder._udp_to_guest
-        calls = []
 
         def udp_to_guest(forward, client, data):
-            calls.append(data)
             if data == b"poison":
                 raise InjectedFailure("udp forward flow")
             real(forward, client, data)
