@@ -86,7 +86,9 @@ def add_switch_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--udp-idle-timeout", type=float, metavar="SECONDS",
                    help="close UDP flows idle this long (default 60)")
     g.add_argument("--udp-max-flows", type=int, metavar="N",
-                   help="most UDP flows; the least recently used is evicted beyond (default 4096)")
+                   help="most UDP flows; beyond, the biggest guest's least recently used is evicted (default 4096)")
+    g.add_argument("--udp-max-flows-per-guest", type=int, metavar="N",
+                   help="most UDP flows of one guest; beyond, its own least recently used is evicted (default 2048)")
     g.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
                    help="log verbosity (default info)")
 
@@ -104,7 +106,7 @@ def build_config(args: argparse.Namespace) -> Config:
     overrides: dict[str, object] = {}
     for flag in ("subnet", "gateway_ip", "host_ip", "lowest_ip", "highest_ip", "mtu", "log_level",
                  "max_connections", "max_connections_per_guest", "tcp_connect_timeout", "udp_idle_timeout",
-                 "udp_max_flows", "state_file", "http_proxy_file", "http_proxy_port", "http_proxy_max_connections",
+                 "udp_max_flows", "udp_max_flows_per_guest", "state_file", "http_proxy_file", "http_proxy_port", "http_proxy_max_connections",
                  "http_proxy_max_connections_per_guest", "http_proxy_header_timeout"):
         value = getattr(args, flag, None)
         if value is not None:

@@ -149,12 +149,18 @@ class Config:
     # --- UDP and ICMP NAT ---
     #: A UDP flow (guest address and port) with no traffic either way for this long is closed.
     udp_idle_timeout: float = 60.0
-    #: Most UDP flows at once; beyond, the least recently used flow is evicted.
+    #: Most UDP flows at once; when full, the guest holding the most flows gives up its
+    #: least recently used one (so a guest's flood never evicts a smaller guest's flows).
     udp_max_flows: int = 4096
+    #: Most UDP flows one guest (switch port) may hold; beyond, its own least recently
+    #: used flow is evicted, never another guest's.
+    udp_max_flows_per_guest: int = 2048
     #: An ICMP echo flow (guest address and identifier) idle this long is closed.
     icmp_idle_timeout: float = 30.0
-    #: Most ICMP echo flows at once (least recently used evicted beyond).
+    #: Most ICMP echo flows at once (when full, as for UDP: the biggest holder gives one up).
     icmp_max_flows: int = 1024
+    #: Most ICMP echo flows one guest may hold (beyond, its own least recently used goes).
+    icmp_max_flows_per_guest: int = 512
     #: Bytes of incomplete fragmented datagrams held at once, and how long one may wait.
     reassembly_max_bytes: int = 4 * 1024 * 1024
     reassembly_timeout: float = 30.0
@@ -304,7 +310,7 @@ class Config:
             seen_keys.add(key)  # type: ignore[arg-type]
         for name in ("max_ports", "max_macs_per_port", "link_send_queue_bytes",
                      "max_connections", "max_connections_per_guest", "udp_max_flows", "icmp_max_flows",
-                     "reassembly_max_bytes", "http_proxy_max_connections", "http_proxy_max_connections_per_guest",
+                     "udp_max_flows_per_guest", "icmp_max_flows_per_guest", "reassembly_max_bytes", "http_proxy_max_connections", "http_proxy_max_connections_per_guest",
                      "http_proxy_max_lookups_per_guest"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1")
@@ -483,7 +489,7 @@ def _coerce(name: str, value: Any) -> Any:
             return tuple(out)
         if name in ("http_proxy_port", "mtu", "lease_seconds", "max_ports", "decline_max_per_port", "max_macs_per_port", "link_send_queue_bytes",
                     "max_connections", "max_connections_per_guest", "udp_max_flows", "icmp_max_flows",
-                    "reassembly_max_bytes", "http_proxy_max_connections", "http_proxy_max_connections_per_guest",
+                    "udp_max_flows_per_guest", "icmp_max_flows_per_guest", "reassembly_max_bytes", "http_proxy_max_connections", "http_proxy_max_connections_per_guest",
                     "http_proxy_max_lookups_per_guest"):
             return int(value)
         if name in ("tcp_connect_timeout", "tcp_half_close_timeout", "offer_seconds", "decline_seconds",

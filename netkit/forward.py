@@ -22,6 +22,7 @@ import logging
 import os
 import socket
 import stat
+import struct
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from typing import TYPE_CHECKING
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from .nat.flowtable import IdleFlowTable
+from .supervise import Supervisor
 from .wire import Ipv4View, UdpView, udp_frame
 from .wire.frames import fragment_frames
 
@@ -108,9 +110,12 @@ class _UdpForwardFlow:
 class PortForwarder:
     """The forwards of one switch (``switch.forwarder``)."""
 
-    def __init__(self, switch: "Switch", nursery: trio.Nursery) -> None:
+    def __init__(self, switch: "Switch", nursery: trio.Nursery, supervisor: Supervisor) -> None:
         self.switch = switch
         self.nursery = nursery
+        #: Runs each forward's listener; an accepted connection or a UDP flow that fails
+        #: ends alone (counted as a flow error), the forward goes on serving.
+        self.supervisor = supervisor
         self._forwards: dict[tuple[str, str], Forward] = {}
         self.counters: collections.Counter[str] = collections.Counter()
         #: (forward, host client) -> UDP forward flow.
@@ -137,7 +142,9 @@ class PortForwarder:
         forward = Forward(proto, key_local, f"{guest_ip}:{guest_port}", sock, guest_ip, guest_port)
         self._forwards[(proto, key_local)] = forward
         runner = self._serve_udp if proto == "udp" else self._serve_stream
-        self.nursery.start_soon(runner, forward, name=f"forward {proto} {key_local}")
+        self.supervisor.start_soon(runner, forward, unit=f"forward-{proto}-listener",
+                                   on_error=lambda: self._listener_failed(forward),
+                                   name=f"forward {proto} {key_local}")
         log.info("forwarding %s %s -> %s", proto, key_local, forward.remote)
         return forward
 
@@ -159,6 +166,12 @@ class PortForwarder:
         self._udp_flows.remove_if(lambda flow: flow.forward is forward)
         log.info("removed forward %s %s", proto, local)
         return True
+
+    def _listener_failed(self, forward: Forward) -> None:
+        """A forward's listener task failed (counted by the supervisor): remove the
+        forward, so its socket is closed and ``netkit forwards`` no longer lists it."""
+        if self._forwards.get((forward.proto, forward.local)) is forward:
+            self.remove(forward.proto, forward.local)
 
     def forwards(self) -> list[Forward]:
         return list(self._forwards.values())
@@ -221,8 +234,17 @@ class PortForwarder:
                     if forward.proto == "tcp":
                         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     forward.connections += 1
-                    if tcp_nat.open_to_guest(forward.guest_ip, forward.guest_port, conn) is None:
+                    try:
+                        if tcp_nat.open_to_guest(forward.guest_ip, forward.guest_port, conn) is None:
+                            forward.refused += 1
+                    except Exception as error:  # this connection fails alone
+                        self.supervisor.failed(f"forward-{forward.proto}", error)
                         forward.refused += 1
+                        adopted = next((flow for flow in tcp_nat.flows() if flow.sock is conn), None)
+                        if adopted is not None:
+                            tcp_nat.flow_failed(adopted)  # closes conn with the flow
+                        else:
+                            _reset(conn)
 
     # ----- UDP -----
     async def _serve_udp(self, forward: Forward) -> None:
@@ -239,7 +261,11 @@ class PortForwarder:
                         break
                     except OSError:
                         continue
-                    self._udp_to_guest(forward, client, data)
+                    try:
+                        self._udp_to_guest(forward, client, data)
+                    except Exception as error:  # this host client's flow fails alone
+                        self.supervisor.failed("forward-udp", error)
+                        self._udp_flows.remove_if(lambda flow: flow.forward is forward and flow.client == client)
 
     def _udp_to_guest(self, forward: Forward, client: tuple[str, int], data: bytes) -> None:
         switch = self.switch
@@ -278,11 +304,24 @@ class PortForwarder:
             flow.forward.sock.sendto(udp.payload, flow.client)
         except OSError:
             pass
+        except Exception as error:  # this flow fails alone
+            self.supervisor.failed("forward-udp", error)
+            self._udp_flows.remove(flow)
 
     def _release_udp(self, flow: _UdpForwardFlow) -> None:
         flow.closed = True
         self._udp_by_port.pop(flow.local_port, None)
         self.switch.udp_nat.reverse.pop((self.switch.config.host_ip.packed, flow.local_port), None)
+
+
+def _reset(conn: socket.socket) -> None:
+    """Close an accepted host connection with RST (SO_LINGER 0)."""
+    try:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    conn.close()
+
 
 def _unlink_socket(path: str) -> None:
     try:

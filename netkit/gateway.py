@@ -30,6 +30,7 @@ from .config import Config, format_mac
 from .dhcp.leases import LeaseTable
 from .dhcp.server import DhcpServer
 from .ipfrag import Reassembler
+from .supervise import Supervisor
 from .wire import (ARP_REPLY, ARP_REQUEST, ArpPacket, IcmpView, Ipv4View, MalformedPacket, UdpView,
                    icmp_frame, udp_frame)
 from .wire.ethernet import ETH_HEADER_LEN
@@ -65,10 +66,14 @@ class PacketHandler(Protocol):
 class Gateway:
     """The gateway's station on the switch. See the module docstring."""
 
-    def __init__(self, config: Config, switch: "Switch", clock: Callable[[], float]) -> None:
+    def __init__(self, config: Config, switch: "Switch", clock: Callable[[], float],
+                 supervisor: Supervisor | None = None) -> None:
         self.config = config
         self.switch = switch
         self.clock = clock
+        #: Counts and logs what fails while handling one frame or one service datagram
+        #: (``flow-errors``); None: the switch's own.
+        self.supervisor = supervisor if supervisor is not None else switch.supervisor
         self.mac = config.gateway_mac
         self.ip = config.gateway_ip.packed
         self.host_ip = config.host_ip.packed
@@ -107,6 +112,7 @@ class Gateway:
         too). The handler must not block; spawn a task for slow work."""
 
         counter = f"udp-service-{port}"
+        unit = f"udp-service-{port}"
 
         def deliver(port_: "Port", src_mac: bytes, ip: Ipv4View, now: float) -> None:
             udp = UdpView(ip.payload)
@@ -120,7 +126,10 @@ class Gateway:
                                                        payload))
 
             self.counters[counter] += 1
-            handler(udp.payload, (IPv4Address(guest_ip), guest_port), reply)
+            try:
+                handler(udp.payload, (IPv4Address(guest_ip), guest_port), reply)
+            except Exception as error:  # this datagram fails; the service and the guest go on
+                self.supervisor.failed(unit, error)
 
         self.services[(PROTO_UDP, port)] = deliver
 
@@ -151,9 +160,9 @@ class Gateway:
                 self.drops["ethertype"] += 1
         except MalformedPacket:
             self.drops["malformed"] += 1
-        except Exception:  # a handler bug must never take the switch down
+        except Exception as error:  # a handler bug must never take the switch down
             self.drops["handler-error"] += 1
-            log.exception("gateway failed on a frame from port %d", port.id)
+            self.supervisor.failed("frame", error)
 
     def _input_arp(self, port: "Port", frame: bytes) -> None:
         arp = ArpPacket.parse_untrusted(memoryview(frame)[ETH_HEADER_LEN:])

@@ -25,6 +25,7 @@ from .nat.icmp import IcmpNat
 from .nat.tcp import TcpNat
 from .nat.udp import UdpNat
 from .state import LeaseStateWriter, load_leases
+from .supervise import Supervisor
 from .switch import Switch
 
 __all__ = ["open_switch", "LEASE_EXPIRY_INTERVAL"]
@@ -45,7 +46,7 @@ async def _sweep_leases(gateway: Gateway) -> None:
         gateway.expire_leases()
 
 
-def _start_dns(config: Config, switch: Switch, nursery: trio.Nursery) -> DnsService:
+def _start_dns(config: Config, switch: Switch, supervisor: Supervisor) -> DnsService:
     """DNS on the gateway: UDP and TCP port 53."""
     dns = DnsService(config)
     dns.policy = switch.policy
@@ -59,8 +60,9 @@ def _start_dns(config: Config, switch: Switch, nursery: trio.Nursery) -> DnsServ
             reply(response)
 
     def datagram(payload, client, reply) -> None:
-        # One task per query: a slow upstream must never hold up the next question.
-        nursery.start_soon(answer, bytes(payload), client, reply)
+        # One task per query: a slow upstream must never hold up the next question, and
+        # a query that fails ends alone (counted; the guest gets no answer and retries).
+        supervisor.start_soon(answer, bytes(payload), client, reply, unit="dns")
 
     gateway.register_udp_service(DNS_PORT, datagram)
     switch.tcp_nat.register_service(DNS_PORT, dns.serve_tcp)
@@ -151,15 +153,18 @@ async def open_switch(config: Config | None = None, *, host: HostNetwork | None 
     config = config or Config()
     try:
         async with trio.open_nursery() as nursery:
-            switch = Switch(config, nursery)
-            gateway = Gateway(config, switch, trio.current_time)
+            # Every flow, service connection, query and port task runs under this one
+            # supervisor: a failure ends that unit only (counted as flow-errors).
+            supervisor = Supervisor(nursery)
+            switch = Switch(config, nursery, supervisor)
+            gateway = Gateway(config, switch, trio.current_time, supervisor)
             # The one way out for every guest flow and proxy connection.
             gate = HostGate(config, switch.policy, host)
-            switch.tcp_nat = TcpNat(config, gateway, nursery, gate=gate)
-            switch.udp_nat = UdpNat(config, gateway, nursery, gate=gate)
-            switch.icmp_nat = IcmpNat(config, gateway, nursery, gate=gate)
-            switch.forwarder = PortForwarder(switch, nursery)
-            switch.dns = _start_dns(config, switch, nursery)
+            switch.tcp_nat = TcpNat(config, gateway, nursery, supervisor, gate=gate)
+            switch.udp_nat = UdpNat(config, gateway, nursery, supervisor, gate=gate)
+            switch.icmp_nat = IcmpNat(config, gateway, nursery, supervisor, gate=gate)
+            switch.forwarder = PortForwarder(switch, nursery, supervisor)
+            switch.dns = _start_dns(config, switch, supervisor)
             switch.sntp = _start_sntp(switch)
             if config.shares:
                 _start_9p(config, switch)

@@ -42,6 +42,7 @@ import trio
 from .config import Config, format_mac
 from .links.base import Link, LinkClosed
 from .policy import Policy
+from .supervise import Supervisor
 
 if TYPE_CHECKING:
     from .gateway import Gateway
@@ -114,9 +115,12 @@ class Port:
 class Switch:
     """MAC-learning switch; create it with ``netkit.open_switch`` rather than directly."""
 
-    def __init__(self, config: Config, nursery: trio.Nursery) -> None:
+    def __init__(self, config: Config, nursery: trio.Nursery, supervisor: Supervisor | None = None) -> None:
         self.config = config
         self._nursery = nursery
+        #: Runs each port's reader (and is shared with every component by ``open_switch``):
+        #: a link that fails ends its own port only. Its ``flow-errors`` show in statistics().
+        self.supervisor = supervisor if supervisor is not None else Supervisor(nursery)
         self._ports: dict[int, Port] = {}
         self._port_ids = itertools.count(1)
         #: MAC -> port that owns it (learned from source addresses).
@@ -157,7 +161,7 @@ class Switch:
         port.capture = self._capture
         self._ports[port.id] = port
         log.info("port %d attached: %s", port.id, link.name)
-        self._nursery.start_soon(self._run_port, port, name=f"port-{port.id}")
+        self.supervisor.start_soon(self._run_port, port, unit="port", name=f"port-{port.id}")
         return port
 
     async def attach_and_wait(self, link: Link) -> None:
@@ -461,4 +465,5 @@ class Switch:
             "macs_relearned": self.macs_relearned,
             "bindings": len(self._ip_owners),
             "drops": {k: v for k, v in self.drops.items() if v},
+            **self.supervisor.statistics(),
         }

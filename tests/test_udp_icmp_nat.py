@@ -133,11 +133,17 @@ async def test_udp_flow_cap_evicts_least_recently_used(udp_echo):
     async with netkit.open_switch(config) as switch:
         async with open_netns_guest(switch) as guest:
             await guest.udhcpc()
+            # Keep every socket open: a closed one's ephemeral port may be handed out again
+            # to the next socket (about 1 run in 200), which then reuses a live flow
+            # instead of opening a 25th.
             await _python(guest, f"""
 import socket
+socks = []
 for i in range(25):
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5)
     s.sendto(b"x", ("{HOST}", {udp_echo})); s.recv(10)
+    socks.append(s)
+assert len({{s.getsockname()[1] for s in socks}}) == 25
 """)
             assert len(switch.udp_nat.flows) == 10
             assert switch.udp_nat.counters["flows-evicted"] == 15

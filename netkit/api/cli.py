@@ -135,6 +135,8 @@ def _print_stats(stats: dict, out: TextIO) -> None:
                 f"{dns.get('servfail', 0)})" if dns else "not running"),
         ("http proxy", f"{proxy.get('requests', 0)} requests, {proxy.get('active_connections', 0)} open"
          if proxy is not None else "not enabled"),
+        ("flow errors", f"{(stats.get('flow_errors') or {}).get('total', 0)} "
+                        f"({_counts((stats.get('flow_errors') or {}).get('by_unit') or {})})"),
         ("drops", f"switch: {_counts(drops.get('switch') or {})}; gateway: {_counts(drops.get('gateway') or {})}"),
         ("capture", "running" if (stats.get("capture") or {}).get("active") else "off"),
     ]

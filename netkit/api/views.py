@@ -89,6 +89,9 @@ def stats_view(switch, api_stats: dict | None = None) -> dict:
             "gateway": dict(gateway.get("drops") or {}),
         },
         "flows": _flow_counts(switch),
+        # Units of per-flow work (flows, service connections, queries, forwards, ports)
+        # that failed and were ended alone by the supervisor.
+        "flow_errors": {"total": sw.get("flow-errors", 0), "by_unit": dict(sw.get("flow-errors-by-unit") or {})},
         "ports": ports,
         "leases": len(switch.leases()),
         "forwards": len(forwarder.forwards()) if forwarder is not None else 0,
@@ -238,6 +241,12 @@ def render_metrics(switch, api_stats: dict | None = None) -> str:
         m.add("netkit_link_send_dropped_total", "counter", "", stats.get("send_dropped", 0), port=port_id,
               link=link)
 
+    m.add("netkit_flow_errors_total", "counter",
+          "Units of per-flow work (flows, service connections, queries, forwards, ports) that failed and were "
+          "ended alone.", sw.get("flow-errors", 0))
+    m.family("netkit_flow_errors_by_unit_total", "counter", "Failed units of per-flow work, by kind of unit.")
+    for unit, count in _numeric_items(sw.get("flow-errors-by-unit") or {}):
+        m.add("netkit_flow_errors_by_unit_total", "counter", "", count, unit=unit)
     m.family("netkit_flows", "gauge", "Live NAT flows, by protocol.")
     for protocol, count in _flow_counts(switch).items():
         m.add("netkit_flows", "gauge", "", count, protocol=protocol)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..config import Config
+from ..supervise import Supervisor
 from ..wire import IcmpView, Ipv4View, MalformedPacket, icmp_frame
 from ..wire.checksum import checksum
 from ..wire.icmpv4 import DEST_UNREACHABLE, ECHO_REPLY, ECHO_REQUEST, TIME_EXCEEDED, UNREACH_ADMIN
@@ -39,7 +40,16 @@ if TYPE_CHECKING:
 
 __all__ = ["IcmpNat"]
 
+
+def _flow_port(flow) -> "Port":
+    """A flow's owner for the table's per-guest share: its guest's switch port."""
+    return flow.port
+
+
 log = logging.getLogger("netkit.nat.icmp")
+
+#: Most messages read from one socket before yielding to other tasks.
+_READ_BATCH = 64
 
 
 @dataclass(eq=False)
@@ -60,11 +70,13 @@ class EchoFlow:
 
 
 class IcmpNat:
-    def __init__(self, config: Config, gateway: "Gateway", nursery: trio.Nursery,
+    def __init__(self, config: Config, gateway: "Gateway", nursery: trio.Nursery, supervisor: Supervisor,
                  host: HostNetwork | None = None, gate: HostGate | None = None) -> None:
         self.config = config
         self.gateway = gateway
         self.nursery = nursery
+        #: Runs the socket readers: a failing flow is released alone (counted, logged).
+        self.supervisor = supervisor
         #: The one way out (translation, policy, host sockets); ``host`` makes its sockets.
         self.gate = gate if gate is not None else HostGate(config, gateway.switch.policy, host)
         self.host = self.gate.host
@@ -76,7 +88,7 @@ class IcmpNat:
         #: (guest IP, guest identifier) -> flow.
         self.flows: IdleFlowTable[tuple[bytes, int], EchoFlow] = IdleFlowTable(
             max_flows=config.icmp_max_flows, idle_timeout=config.icmp_idle_timeout, release=self._release,
-            counters=self.counters)
+            counters=self.counters, max_flows_per_owner=config.icmp_max_flows_per_guest, owner=_flow_port)
         gateway.nat[PROTO_ICMP] = self.input
         gateway.switch.on_detach(self._port_detached)
         nursery.start_soon(self.flows.run, name="icmp-expiry")
@@ -121,6 +133,10 @@ class IcmpNat:
             self.counters["host-send-errors"] += 1
             log.debug("echo to %s failed: %s", real, e)
             return
+        except Exception as error:  # a broken flow ends alone
+            self.supervisor.failed("icmp-nat", error)
+            self.flows.remove(flow)
+            return
         flow.requests += 1
         self.counters["echo-requests"] += 1
 
@@ -138,7 +154,8 @@ class IcmpNat:
                 self.counters["socket-errors"] += 1
                 log.warning("cannot create a ping socket: %s", e)
                 return None
-            self.nursery.start_soon(self._read_ping_socket, flow)
+            self.supervisor.start_soon(self._read_ping_socket, flow, unit="icmp-nat",
+                                       on_error=lambda: self.flows.remove(flow))
         else:
             for _ in range(0x10000):
                 wire = next(self._idents)
@@ -168,7 +185,8 @@ class IcmpNat:
         if raw:
             self._mode = "raw"
             self._raw = sock
-            self.nursery.start_soon(self._read_raw_socket)
+            self.supervisor.start_soon(self._read_raw_socket, sock, unit="icmp-nat-raw",
+                                       on_error=self._raw_failed)
             log.info("ICMP echo through a raw socket (ping sockets are not permitted for this user)")
         else:
             self._mode = "ping"
@@ -176,14 +194,19 @@ class IcmpNat:
 
     # ----- host -> guest -----
     async def _read_ping_socket(self, flow: EchoFlow) -> None:
+        # As for UDP flows: a released flow's socket is closed, so ``flow.closed`` is
+        # checked before every use (the release may come before this task first runs, or
+        # while it is scheduled to wake with data).
         sock = flow.sock
         with flow.cancel_scope:
-            while True:
+            while not flow.closed:
                 try:
                     await trio.lowlevel.wait_readable(sock)
                 except trio.ClosedResourceError:
                     return
-                while True:
+                for _ in range(_READ_BATCH):  # bounded: a socket that keeps failing still yields
+                    if flow.closed:
+                        return
                     try:
                         data, (addr, _port) = sock.recvfrom(65535)
                     except BlockingIOError:
@@ -199,11 +222,15 @@ class IcmpNat:
                     if reply.type == ECHO_REPLY:
                         self._reply_to_guest(flow, IPv4Address(addr), reply.sequence, reply.body)
 
-    async def _read_raw_socket(self) -> None:
-        sock = self._raw
-        while True:
-            await trio.lowlevel.wait_readable(sock)
-            while True:
+    async def _read_raw_socket(self, sock: socket.socket) -> None:
+        while self._raw is sock:
+            try:
+                await trio.lowlevel.wait_readable(sock)
+            except trio.ClosedResourceError:
+                return
+            for _ in range(_READ_BATCH):
+                if self._raw is not sock:
+                    return
                 try:
                     data, (addr, _port) = sock.recvfrom(65535)
                 except BlockingIOError:
@@ -211,6 +238,13 @@ class IcmpNat:
                 except OSError:
                     continue
                 self._raw_input(data, IPv4Address(addr))
+
+    def _raw_failed(self) -> None:
+        """The shared raw socket's reader failed: every flow on it is gone. Close it; the
+        next echo request chooses a socket afresh."""
+        self.flows.clear()
+        self._close_raw()
+        self._mode = None
 
     def _raw_input(self, data: bytes, source: IPv4Address) -> None:
         try:
@@ -259,14 +293,17 @@ class IcmpNat:
             flow.sock.close()
 
     def _port_detached(self, port: "Port") -> None:
-        self.flows.remove_if(lambda flow: flow.port is port)
+        self.flows.remove_owner(port)
 
     def close(self) -> None:
         self.flows.clear()
-        if self._raw is not None:
-            trio.lowlevel.notify_closing(self._raw)
-            self._raw.close()
-            self._raw = None
+        self._close_raw()
+
+    def _close_raw(self) -> None:
+        raw, self._raw = self._raw, None
+        if raw is not None:
+            trio.lowlevel.notify_closing(raw)
+            raw.close()
 
     def statistics(self) -> dict:
         return {"flows": len(self.flows), "mode": self._mode, **self.counters}

@@ -37,6 +37,7 @@ import trio
 from ..config import Config
 from ..engine_stream import EngineStream
 from ..links.base import TxOffload
+from ..supervise import Supervisor
 from ..tcp import TcpConnection, TcpSettings
 from ..tcp.events import Closed, Connected, DataReceived, PeerFinished, Reset, SendSpace, TimedOut
 from ..tcp.segment import Segment, is_connection_request, rst_for
@@ -124,11 +125,14 @@ class DestinationStack:
 class TcpNat:
     """The TCP handler of a gateway: NAT for guest connections, RST for closed ports."""
 
-    def __init__(self, config: Config, gateway: "Gateway", nursery: trio.Nursery,
+    def __init__(self, config: Config, gateway: "Gateway", nursery: trio.Nursery, supervisor: Supervisor,
                  host: HostNetwork | None = None, gate: HostGate | None = None) -> None:
         self.config = config
         self.gateway = gateway
         self.nursery = nursery
+        #: Runs every flow's task: one that fails is reset (the guest gets RST), counted
+        #: as a flow error, and nothing else is touched.
+        self.supervisor = supervisor
         #: The one way out (translation, policy, host sockets); ``host`` makes its sockets.
         self.gate = gate if gate is not None else HostGate(config, gateway.switch.policy, host)
         self.host = self.gate.host
@@ -241,9 +245,11 @@ class TcpNat:
         self.per_guest[ip.src] = self.per_guest.get(ip.src, 0) + 1
         self._count("connections-opened")
         if service is not None:
-            self.nursery.start_soon(self._run_service, flow, service)
+            self.supervisor.start_soon(self._run_service, flow, service, unit="tcp-service",
+                                       on_error=lambda: self.flow_failed(flow))
         else:
-            self.nursery.start_soon(self._run_flow, flow, route)
+            self.supervisor.start_soon(self._run_flow, flow, route, unit="tcp-nat",
+                                       on_error=lambda: self.flow_failed(flow))
 
     def flush(self) -> None:
         """End of a batch of frames: act on every flow the batch touched."""
@@ -386,11 +392,10 @@ class TcpNat:
             try:
                 await handler(flow.stream, client)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-            except Exception:
-                self._count("service-errors")
-                log.exception("service on gateway port %d failed", flow.dst_port)
+                pass  # the guest went away: the ordinary end
             finally:
+                # Anything else the service raised goes on to the supervisor (counted,
+                # logged, and flow_failed resets the connection).
                 await flow.stream.aclose()
 
     # ------------------------------------------------------------------ port forwards
@@ -428,7 +433,7 @@ class TcpNat:
         self.per_guest[flow.guest_ip] = self.per_guest.get(flow.guest_ip, 0) + 1
         self._count("forwards-opened")
         self._service(flow, now)
-        self.nursery.start_soon(self._splice, flow)
+        self.supervisor.start_soon(self._splice, flow, unit="tcp-forward", on_error=lambda: self.flow_failed(flow))
         return flow
 
     async def _splice(self, flow: TcpFlow) -> None:
@@ -524,6 +529,16 @@ class TcpNat:
                 continue
             await trio.lowlevel.wait_writable(sock)
             self._service(flow, trio.current_time())
+
+    def flow_failed(self, flow: TcpFlow) -> None:
+        """A flow's task raised (the supervisor counted it): reset both sides, close the
+        host socket and forget the flow."""
+        if flow.closed:
+            return
+        self._abort_host(flow)
+        flow.conn.abort(trio.current_time())
+        self._transmit(flow)
+        self._close_flow(flow)
 
     def _abort_host(self, flow: TcpFlow) -> None:
         """The guest reset (or the engine gave up): reset the host side too."""

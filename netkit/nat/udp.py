@@ -6,8 +6,11 @@ that reach the socket go back to the guest, so hole punching works. Replies appe
 come from the peer's virtual address (host loopback as the host alias, NAT'd IPs as
 their virtual IPs).
 
-Flows close after ``udp_idle_timeout`` without traffic either way; at most
-``udp_max_flows`` exist, the least recently used evicted first. ICMP errors the host
+Flows close after ``udp_idle_timeout`` without traffic either way. Each guest may hold
+``udp_max_flows_per_guest`` (beyond, its own least recently used flow is evicted) and
+all together ``udp_max_flows`` (beyond, the guest holding the most gives up its least
+recently used): one guest's flood never moves another guest's flows. Each flow's reader
+runs under the switch's supervisor, so a failing flow is released alone. ICMP errors the host
 receives for a flow (port unreachable, time exceeded, ...) come back to the guest as
 ICMP errors quoting its datagram. Datagrams larger than the guest's MTU are fragmented.
 """
@@ -25,6 +28,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..config import Config
+from ..supervise import Supervisor
 from ..wire import Ipv4View, UdpView, icmp_frame, udp_frame
 from ..wire.frames import fragment_frames
 from ..wire.icmpv4 import DEST_UNREACHABLE, UNREACH_ADMIN, UNREACH_PORT
@@ -39,6 +43,12 @@ if TYPE_CHECKING:
     from ..switch import Port
 
 __all__ = ["UdpNat", "UdpFlow"]
+
+
+def _flow_port(flow) -> "Port":
+    """A flow's owner for the table's per-guest share: its guest's switch port."""
+    return flow.port
+
 
 log = logging.getLogger("netkit.nat.udp")
 
@@ -82,11 +92,13 @@ class UdpFlow:
 class UdpNat:
     """The UDP handler of a gateway (packets to destinations other than the gateway)."""
 
-    def __init__(self, config: Config, gateway: "Gateway", nursery: trio.Nursery,
+    def __init__(self, config: Config, gateway: "Gateway", nursery: trio.Nursery, supervisor: Supervisor,
                  host: HostNetwork | None = None, gate: HostGate | None = None) -> None:
         self.config = config
         self.gateway = gateway
         self.nursery = nursery
+        #: Runs each flow's reader: one that fails is released alone (counted, logged).
+        self.supervisor = supervisor
         #: The one way out (translation, policy, host sockets); ``host`` makes its sockets.
         self.gate = gate if gate is not None else HostGate(config, gateway.switch.policy, host)
         self.host = self.gate.host
@@ -94,7 +106,7 @@ class UdpNat:
         #: (guest IP, guest port) -> flow.
         self.flows: IdleFlowTable[tuple[bytes, int], UdpFlow] = IdleFlowTable(
             max_flows=config.udp_max_flows, idle_timeout=config.udp_idle_timeout, release=self._release,
-            counters=self.counters)
+            counters=self.counters, max_flows_per_owner=config.udp_max_flows_per_guest, owner=_flow_port)
         #: (virtual IP, port) -> ``handler(ip, udp)`` for datagrams that answer a port
         #: forward rather than open a flow of their own (see netkit.forward).
         self.reverse: dict[tuple[bytes, int], object] = {}
@@ -145,6 +157,10 @@ class UdpNat:
             self.counters["host-send-errors"] += 1
             log.debug("udp sendto %s:%d failed: %s", real, udp.dst_port, e)
             return
+        except Exception as error:  # a broken flow ends alone
+            self.supervisor.failed("udp-nat", error)
+            self.flows.remove(flow)
+            return
         flow.datagrams_to_host += 1
         flow.bytes_to_host += len(payload)
 
@@ -173,19 +189,24 @@ class UdpNat:
             return None
         flow = UdpFlow(port, src_mac, guest_ip, guest_port, sock, now, now)
         self.flows.add((guest_ip, guest_port), flow, now)
-        self.nursery.start_soon(self._read_host, flow)
+        self.supervisor.start_soon(self._read_host, flow, unit="udp-nat", on_error=lambda: self.flows.remove(flow))
         return flow
 
     # ----- host -> guest -----
     async def _read_host(self, flow: UdpFlow) -> None:
+        # A released flow's socket is closed (its fd number may already belong to another
+        # socket): check ``flow.closed`` before every use, since a release can happen
+        # before this task first runs, or while it is already scheduled to wake with data.
         sock = flow.sock
         with flow.cancel_scope:
-            while True:
+            while not flow.closed:
                 try:
                     await trio.lowlevel.wait_readable(sock)
                 except trio.ClosedResourceError:
                     return
                 for _ in range(_READ_BATCH):
+                    if flow.closed:
+                        return
                     try:
                         data, (addr, peer_port) = sock.recvfrom(65535)
                     except BlockingIOError:
@@ -230,7 +251,7 @@ class UdpNat:
         flow.sock.close()
 
     def _port_detached(self, port: "Port") -> None:
-        self.flows.remove_if(lambda flow: flow.port is port)
+        self.flows.remove_owner(port)
 
     def close(self) -> None:
         self.flows.clear()
