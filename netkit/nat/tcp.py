@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ..budget import BufferAccount, BufferBudget
+from ..budget import BufferAccount, BufferBudget, return_freed_memory
 from ..config import Config
 from ..engine_stream import EngineStream
 from ..links.base import TxOffload
@@ -599,12 +599,18 @@ class TcpNat:
         self._count("connections-closed")
 
     def _port_detached(self, port: "Port") -> None:
-        """The guest's link is gone: reset the host side of every flow it owned."""
+        """The guest's link is gone: reset the host side of every flow it owned, and give
+        the memory its buffers held back to the OS."""
+        closed = 0
         for stack in list(self.stacks.values()):
             for flow in list(stack.flows.values()):
                 if flow.port is port:
                     self._abort_host(flow)
                     self._close_flow(flow)
+                    closed += 1
+        self.budget.forget(port)
+        if closed:
+            return_freed_memory()
 
     def close(self) -> None:
         """Close every flow's host socket (the switch is shutting down)."""
