@@ -327,7 +327,9 @@ class TcpConnection:
         space = self._snd_buffer - len(self._sndbuf)
         acct = self._acct
         if acct is not None:
-            space = self._budget_send_space(space)
+            total = acct.total
+            if acct.used + space > acct.limit or total.used + space > total.limit:
+                space = self._budget_send_space(space)
         n = len(data)
         if n > space:
             if space <= 0:
@@ -341,7 +343,7 @@ class TcpConnection:
         self._sndbuf.append(data)
         if acct is not None:
             acct.used += n
-            acct.total.used += n
+            total.used += n
         if self.state in SENDS_DATA:
             self._output(now)
         return n
@@ -352,10 +354,13 @@ class TcpConnection:
         if self._shutdown or self.state not in ACCEPTS_SEND:
             return 0
         space = self._snd_buffer - len(self._sndbuf)
-        if self._acct is not None and space > 0:
-            space = self._budget_send_space(space)
-            if space <= 0:
-                self._acct.total.send_limited += 1
+        acct = self._acct
+        if acct is not None and space > 0:
+            total = acct.total
+            if acct.used + space > acct.limit or total.used + space > total.limit:
+                space = self._budget_send_space(space)
+                if space <= 0:
+                    total.send_limited += 1
         return space if space > 0 else 0
 
     def _budget_send_space(self, space: int) -> int:
@@ -1256,6 +1261,7 @@ class TcpConnection:
         una = self.snd_una
         seg_max = self._seg_max
         cwnd = self.cwnd
+        win = -1                                # the window field, computed once per burst
         if self._recovery == _REC_SACK:
             pipe = self._sack_pipe()
             sb = self._sb
@@ -1271,7 +1277,9 @@ class TcpConnection:
                     if n > seg_max:
                         n = seg_max
                     seq = (self._snd_base_seq + (s - buf.start)) & MASK
-                    self._note_retransmit(now, seq, self._xmit(seq, s, n, now))
+                    if win < 0:
+                        win = self._rcv_window()
+                    self._note_retransmit(now, seq, self._xmit(seq, s, n, now, win))
                     self._high_rxt = s + n
                     pipe += n
         else:
@@ -1312,7 +1320,9 @@ class TcpConnection:
                     break                       # FIN alone needs one byte of window
                 n = 0
             retransmit = nxt != self.snd_max
-            end = self._xmit(nxt, nxt_abs, n, now)
+            if win < 0:
+                win = self._rcv_window()
+            end = self._xmit(nxt, nxt_abs, n, now, win)
             if retransmit:
                 self._note_retransmit(now, nxt, end)
             elif self._rtt_seq is None and not self.timestamps_enabled:
@@ -1378,9 +1388,11 @@ class TcpConnection:
         if self.timestamps_enabled:
             self._rtx_ts = self._tsval(now)
 
-    def _xmit(self, seq: int, off: int, n: int, now: float) -> int:
+    def _xmit(self, seq: int, off: int, n: int, now: float, win: int = -1) -> int:
         """Emit ``n`` data bytes from absolute offset ``off`` at ``seq`` (plus our FIN when
-        it comes next); returns the sequence number after the segment."""
+        it comes next); returns the sequence number after the segment. ``win``: the
+        window field, when the caller computed it for a burst (nothing arrives between
+        the segments of one burst, so it is the same for all of them)."""
         flags = ACK
         end = (seq + n) & MASK
         if n:
@@ -1393,8 +1405,8 @@ class TcpConnection:
         if end == self._fin_seq and self._fin_seq is not None:
             flags |= FIN
             end = (end + 1) & MASK
-        self._emit(Segment(seq, self.rcv_nxt, flags, self._rcv_window(), self._seg_options(now),
-                           payload))
+        self._emit(Segment(seq, self.rcv_nxt, flags, win if win >= 0 else self._rcv_window(),
+                           self._seg_options(now), payload))
         d = (end - self.snd_max) & MASK
         if d and d < HALF:
             self.snd_max = end
@@ -1510,18 +1522,19 @@ class TcpConnection:
         if acct is not None:
             # The budget: what is left of it (out-of-order data inside the window is
             # charged already), but never less than the progress floor.
-            allow = acct.limit - acct.used
             total = acct.total
+            allow = acct.limit - acct.used
             t = total.limit - total.used
             if t < allow:
                 allow = t
-            allow += self._ooo.size
-            floor = self._floor_rcv - self._rcvq.size
-            if floor > allow:
-                allow = floor
             if allow < free:
-                free = allow
-                total.window_limited += 1
+                allow += self._ooo.size
+                floor = self._floor_rcv - self._rcvq.size
+                if floor > allow:
+                    allow = floor
+                if allow < free:
+                    free = allow
+                    total.window_limited += 1
         cur = (self._rcv_adv - rcv_nxt) & MASK
         if cur >= HALF:
             cur = 0
