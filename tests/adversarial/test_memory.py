@@ -179,3 +179,27 @@ async def test_fragment_flood_keeps_to_the_guests_share(netkit_switch, hostile_f
     await attacker.disconnect()
     await wait_until(lambda: reassembler.held_by(attacker_port) == 0, 10, "the attacker's fragments dropped")
     receiver.close()
+
+
+async def test_connection_limit_counts_per_port(netkit_switch, hostile_factory, victim_factory, server):
+    """``max_connections_per_guest`` is a per-port (per-guest) limit: one guest at its
+    limit gets RST (counted) and another guest is unaffected."""
+    import dataclasses
+
+    nat = netkit_switch.tcp_nat
+    nat.config = dataclasses.replace(nat.config, max_connections_per_guest=5)
+    config = netkit_switch.config
+    victim = await victim_factory()
+    attacker = await hostile_factory(lease=True)
+    raw = RawTcpAttacker(attacker, config.gateway_mac, config.host_ip.packed)
+    await raw.open(8, server.idle, window=65535)
+    assert raw.established == 5 and raw.resets == 3
+    assert nat.statistics()["guest-connection-limit"] == 3
+    port = netkit_switch.port_for_mac(attacker.mac)
+    assert nat.budget.accounts[port].flows == 5
+    streams = [await victim.open_tcp_stream(str(config.host_ip), server.idle) for _ in range(5)]
+    assert nat.statistics()["guest-connection-limit"] == 3
+    for stream in streams:
+        await stream.aclose()
+    await attacker.disconnect()
+    await wait_until(lambda: port not in nat.budget.accounts, 10, "the attacker's account dropped")
