@@ -117,6 +117,7 @@ class TcpFlow:
             "state": self.conn.state.name,
             "bytes_to_host": self.bytes_to_host,
             "bytes_to_guest": self.bytes_to_guest,
+            "buffered": self.conn.buffered_bytes,
         }
 
 

@@ -397,11 +397,16 @@ class TcpConnection:
         connection must not be driven afterwards."""
         acct = self._acct
         if acct is not None:
-            acct.charge(-self.buffered_bytes)
+            n = self.buffered_bytes
+            if n:
+                acct.charge(-n)
             self._acct = None
-        self._sndbuf = SendBuffer()
-        self._rcvq.clear()
-        self._ooo.clear()
+        if self._sndbuf.end != self._sndbuf.start:
+            self._sndbuf = SendBuffer()
+        if self._rcvq.size:
+            self._rcvq.clear()
+        if self._ooo:
+            self._ooo.clear()
         self._sb.clear()
 
     def received(self) -> memoryview:
