@@ -350,7 +350,7 @@ async def main(args) -> list[dict]:
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("parts", nargs="*", default=["connections", "scan", "lossy", "dnsflood"])
+    p.add_argument("parts", nargs="*", default=["connections", "scan", "lossy", "dnsflood", "memory"])
     p.add_argument("--connections", type=int, default=10000)
     p.add_argument("--lossy-mb", type=int, default=1024)
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
