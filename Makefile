@@ -55,6 +55,6 @@ bench: $(BENCH_STAMP) tools-bench
 bench-smoke: $(BENCH_STAMP) tools-bench
 	$(PY) -m benchmarks --smoke $(BENCH_ARGS)
 
-## soak: 10,000 connections, a full port scan, 1 GiB each way over a lossy link (3 seeds), a DNS flood (root; ~15 min)
+## soak: 10,000 connections, a full port scan, 1 GiB each way over a lossy link (3 seeds), a DNS flood, the memory attacks (root; ~16 min)
 soak: venv tools-test
 	$(PY) tests/soak/soak.py --json tests/soak/last-soak.json $(SOAK_ARGS)

@@ -80,7 +80,12 @@ def add_switch_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-connections", type=int, metavar="N",
                    help="most guest TCP connections at once; SYNs beyond get RST (default 65536)")
     g.add_argument("--max-connections-per-guest", type=int, metavar="N",
-                   help="most TCP connections one guest address may hold (default 16384)")
+                   help="most TCP connections one guest (switch port) may hold (default 16384)")
+    g.add_argument("--guest-buffer-bytes", type=int, metavar="BYTES",
+                   help="most TCP data buffered for one guest, all its connections together; beyond, "
+                        "windows close, host sockets wait and new connections get RST (default 64 MiB)")
+    g.add_argument("--total-buffer-bytes", type=int, metavar="BYTES",
+                   help="the same for all guests together (default 256 MiB)")
     g.add_argument("--tcp-connect-timeout", type=float, metavar="SECONDS",
                    help="how long a host connect() may take before the guest gets RST (default 15)")
     g.add_argument("--udp-idle-timeout", type=float, metavar="SECONDS",
@@ -105,7 +110,8 @@ def build_config(args: argparse.Namespace) -> Config:
         base = Config.from_toml(args.config)
     overrides: dict[str, object] = {}
     for flag in ("subnet", "gateway_ip", "host_ip", "lowest_ip", "highest_ip", "mtu", "log_level",
-                 "max_connections", "max_connections_per_guest", "tcp_connect_timeout", "udp_idle_timeout",
+                 "max_connections", "max_connections_per_guest", "guest_buffer_bytes", "total_buffer_bytes",
+                 "tcp_connect_timeout", "udp_idle_timeout",
                  "udp_max_flows", "udp_max_flows_per_guest", "state_file", "http_proxy_file", "http_proxy_port", "http_proxy_max_connections",
                  "http_proxy_max_connections_per_guest", "http_proxy_header_timeout"):
         value = getattr(args, flag, None)

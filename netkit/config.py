@@ -144,7 +144,24 @@ class Config:
     #: timed out, however idle.
     tcp_half_close_timeout: float = 300.0
     max_connections: int = 65536
+    #: Most TCP connections one guest (switch port) may hold at once.
     max_connections_per_guest: int = 16384
+
+    # --- buffer budgets (netkit.budget) ---
+    #: Bytes of TCP data netkit may buffer for one guest (switch port), all its
+    #: connections together: host data waiting for the guest to acknowledge it, guest data
+    #: waiting for a host socket to take it, and out-of-order segments. At the limit the
+    #: guest's receive windows stop opening, its host sockets are left unread,
+    #: out-of-order data is dropped and new connections get RST (``budget-*`` in the TCP
+    #: NAT statistics). A flow holding next to nothing may still move one MSS each way,
+    #: so no flow deadlocks. 64 MiB lets a guest keep tens of fast transfers going
+    #: (each engine buffers at most 1 MiB each way) and caps a hostile guest that opens
+    #: hundreds of connections and never reads (300 such took 300 MB before budgets).
+    guest_buffer_bytes: int = 64 * 1024 * 1024
+    #: The same, for all guests together; a guest never gets more than this. 256 MiB:
+    #: four guests at their limit. When the total is used up, guests holding less than a
+    #: fair share may still open connections.
+    total_buffer_bytes: int = 256 * 1024 * 1024
 
     # --- UDP and ICMP NAT ---
     #: A UDP flow (guest address and port) with no traffic either way for this long is closed.
@@ -164,6 +181,11 @@ class Config:
     #: Bytes of incomplete fragmented datagrams held at once, and how long one may wait.
     reassembly_max_bytes: int = 4 * 1024 * 1024
     reassembly_timeout: float = 30.0
+    #: One guest's (switch port's) share of ``reassembly_max_bytes``: beyond it, that
+    #: guest's own oldest incomplete datagrams are dropped, never another guest's. 1 MiB
+    #: holds 16 datagrams of 64 KiB; a quarter of the default total, so a guest flooding
+    #: incomplete fragments leaves the rest to the others.
+    reassembly_guest_bytes: int = 1024 * 1024
 
     # --- DNS (netkit/dns) ---
     #: Names that resolve to ``host_ip`` (the host, as seen from guests).
@@ -310,10 +332,14 @@ class Config:
             seen_keys.add(key)  # type: ignore[arg-type]
         for name in ("max_ports", "max_macs_per_port", "link_send_queue_bytes",
                      "max_connections", "max_connections_per_guest", "udp_max_flows", "icmp_max_flows",
-                     "udp_max_flows_per_guest", "icmp_max_flows_per_guest", "reassembly_max_bytes", "http_proxy_max_connections", "http_proxy_max_connections_per_guest",
+                     "udp_max_flows_per_guest", "icmp_max_flows_per_guest", "reassembly_max_bytes", "reassembly_guest_bytes", "http_proxy_max_connections", "http_proxy_max_connections_per_guest",
                      "http_proxy_max_lookups_per_guest"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1")
+        for name in ("guest_buffer_bytes", "total_buffer_bytes"):
+            # Below one maximum-size segment a budget could not hold a single segment.
+            if getattr(self, name) < 65536:
+                raise ConfigError(f"{name}: must be at least 65536")
         for name in ("tcp_connect_timeout", "tcp_half_close_timeout", "udp_idle_timeout", "icmp_idle_timeout",
                      "reassembly_timeout", "http_proxy_header_timeout"):
             if getattr(self, name) <= 0:
@@ -489,8 +515,8 @@ def _coerce(name: str, value: Any) -> Any:
             return tuple(out)
         if name in ("http_proxy_port", "mtu", "lease_seconds", "max_ports", "decline_max_per_port", "max_macs_per_port", "link_send_queue_bytes",
                     "max_connections", "max_connections_per_guest", "udp_max_flows", "icmp_max_flows",
-                    "udp_max_flows_per_guest", "icmp_max_flows_per_guest", "reassembly_max_bytes", "http_proxy_max_connections", "http_proxy_max_connections_per_guest",
-                    "http_proxy_max_lookups_per_guest"):
+                    "udp_max_flows_per_guest", "icmp_max_flows_per_guest", "reassembly_max_bytes", "reassembly_guest_bytes", "http_proxy_max_connections", "http_proxy_max_connections_per_guest",
+                    "http_proxy_max_lookups_per_guest", "guest_buffer_bytes", "total_buffer_bytes"):
             return int(value)
         if name in ("tcp_connect_timeout", "tcp_half_close_timeout", "offer_seconds", "decline_seconds",
                     "decline_max_pool_fraction", "udp_idle_timeout", "http_proxy_header_timeout",

@@ -81,7 +81,8 @@ class Gateway:
         self.leases = LeaseTable(config)
         #: Called after anything that may have changed the lease table (state file writer).
         self.lease_listeners: list[Callable[[], None]] = []
-        self.reassembler = Reassembler(max_bytes=config.reassembly_max_bytes, timeout=config.reassembly_timeout)
+        self.reassembler = Reassembler(max_bytes=config.reassembly_max_bytes, timeout=config.reassembly_timeout,
+                                       guest_bytes=config.reassembly_guest_bytes)
         self.dhcp = DhcpServer(config, self.leases)
         #: Addresses the gateway answers ARP for: its own, the host alias, and NAT'd IPs in the subnet.
         self.arp_owned: set[bytes] = {self.ip, self.host_ip}
@@ -187,7 +188,7 @@ class Gateway:
         src_mac = frame[6:12]
         now = self.clock()
         if ip.is_fragment:
-            packet = self.reassembler.add(ip, now)
+            packet = self.reassembler.add(ip, now, port)  # per-port shares of the limit
             if packet is None:
                 return  # held (counted in reassembler.stats) until the rest arrives
             ip = Ipv4View(memoryview(packet))
@@ -337,6 +338,10 @@ class Gateway:
             self._sync_binding(lease.mac)
         if expired:
             self._leases_changed()
+
+    def forget_port(self, port: "Port") -> None:
+        """A port detached: its share of fragment reassembly goes with it."""
+        self.reassembler.forget(port)
 
     def statistics(self) -> dict:
         return {

@@ -158,6 +158,7 @@ async def open_switch(config: Config | None = None, *, host: HostNetwork | None 
             supervisor = Supervisor(nursery)
             switch = Switch(config, nursery, supervisor)
             gateway = Gateway(config, switch, trio.current_time, supervisor)
+            switch.on_detach(gateway.forget_port)
             # The one way out for every guest flow and proxy connection.
             gate = HostGate(config, switch.policy, host)
             switch.tcp_nat = TcpNat(config, gateway, nursery, supervisor, gate=gate)

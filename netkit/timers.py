@@ -20,30 +20,42 @@ T = TypeVar("T", bound=Hashable)
 
 
 class TimerHeap(Generic[T]):
-    """Deadlines keyed by item; ``run(fire)`` calls ``fire(item, now)`` when one passes."""
+    """Deadlines keyed by item; ``run(fire)`` calls ``fire(item, now)`` when one passes.
+
+    A superseded or cancelled entry stays in the heap until it surfaces, but it lets go
+    of its item at once (the heapq "mark as removed" recipe), so a cancelled item -- a
+    closed flow and its buffers -- is never kept alive by a far deadline.
+    """
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, T]] = []
-        self._current: dict[T, float] = {}
+        self._heap: list[list] = []  # [deadline, seq, item or None once superseded]
+        self._current: dict[T, list] = {}
         self._seq = itertools.count()
         self._wakeup = trio.Event()
         self._target = float("inf")
 
     def schedule(self, item: T, deadline: float | None) -> None:
         """Set (or with None, clear) ``item``'s deadline."""
-        current = self._current.get(item)
-        if deadline == current:
+        entry = self._current.get(item)
+        if entry is not None:
+            if deadline == entry[0]:
+                return
+            entry[2] = None
+        elif deadline is None:
             return
         if deadline is None:
             del self._current[item]
             return
-        self._current[item] = deadline
-        heapq.heappush(self._heap, (deadline, next(self._seq), item))
+        entry = [deadline, next(self._seq), item]
+        self._current[item] = entry
+        heapq.heappush(self._heap, entry)
         if deadline < self._target:
             self._wakeup.set()
 
     def cancel(self, item: T) -> None:
-        self._current.pop(item, None)
+        entry = self._current.pop(item, None)
+        if entry is not None:
+            entry[2] = None
 
     def __len__(self) -> int:
         return len(self._current)
@@ -53,7 +65,7 @@ class TimerHeap(Generic[T]):
         current = self._current
         while True:
             # Drop superseded entries so the target is a live deadline.
-            while heap and current.get(heap[0][2]) != heap[0][0]:
+            while heap and heap[0][2] is None:
                 heapq.heappop(heap)
             self._wakeup = trio.Event()
             self._target = heap[0][0] if heap else float("inf")
@@ -61,8 +73,8 @@ class TimerHeap(Generic[T]):
                 await self._wakeup.wait()
             now = trio.current_time()
             while heap and heap[0][0] <= now:
-                deadline, _, item = heapq.heappop(heap)
-                if current.get(item) != deadline:
+                _, _, item = heapq.heappop(heap)
+                if item is None:
                     continue
                 del current[item]
                 fire(item, now)

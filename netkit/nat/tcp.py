@@ -15,6 +15,12 @@ holds a sans-I/O ``TcpConnection`` (the engine) and a host socket:
   A flow task waits for writability only while data is pending.
 - host -> guest: the flow task reads the host socket only while the engine has send
   space (the guest's window and our send buffer), so a slow guest slows the host.
+- budgets: every engine charges its buffers (send, receive, out-of-order) to its
+  guest's account in one ``BufferBudget`` (``Config.guest_buffer_bytes`` per guest,
+  ``total_buffer_bytes`` in all). At the limit the engine stops opening its window,
+  leaves the host side unread and drops out-of-order data, and new flows get RST; all
+  counted (``budget-*`` in ``statistics()``). A guest is a switch port, so per-guest
+  limits (``max_connections_per_guest`` too) count per port, not per source address.
 - guest FIN -> ``shutdown(SHUT_WR)``; host EOF -> FIN; host reset -> RST; guest RST ->
   host socket closed with RST (SO_LINGER 0). Idle flows are never timed out.
 
@@ -34,6 +40,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from ..budget import BufferAccount, BufferBudget, return_freed_memory
 from ..config import Config
 from ..engine_stream import EngineStream
 from ..links.base import TxOffload
@@ -92,6 +99,8 @@ class TcpFlow:
     host_active: float = 0.0
     #: For connections to a service on the gateway: the stream the service reads.
     stream: EngineStream | None = None
+    #: The guest's (port's) buffer budget account, which the engine charges.
+    account: BufferAccount | None = None
     closed: bool = False
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     #: Woken when the engine has room for more host data, or data waits for the host.
@@ -110,6 +119,7 @@ class TcpFlow:
             "state": self.conn.state.name,
             "bytes_to_host": self.bytes_to_host,
             "bytes_to_guest": self.bytes_to_guest,
+            "buffered": self.conn.buffered_bytes,
         }
 
 
@@ -144,7 +154,9 @@ class TcpNat:
         self.offload_settings = TcpSettings(mss=mss, tso_size=gso_payload) if gso_payload > mss else self.settings
         self.stacks: dict[bytes, DestinationStack] = {}
         self.flow_count = 0
-        self.per_guest: dict[bytes, int] = {}
+        #: Buffered bytes per guest (switch port) and in total; each account also counts
+        #: its guest's flows for ``max_connections_per_guest``.
+        self.budget = BufferBudget(config.guest_buffer_bytes, config.total_buffer_bytes)
         self.counters: dict[str, int] = {}
         self._dirty: dict[TcpFlow, None] = {}
         self._timers: TimerHeap[TcpFlow] = TimerHeap()
@@ -228,21 +240,21 @@ class TcpNat:
             self._count("connection-limit")
             self._reply_rst(port, src_mac, ip, tcp, seg)
             return
-        if self.per_guest.get(ip.src, 0) >= self.config.max_connections_per_guest:
-            self._count("guest-connection-limit")
+        account = self._admit(port)
+        if account is None:
             self._reply_rst(port, src_mac, ip, tcp, seg)
             return
         settings = self.offload_settings if port.link.offload else self.settings
-        conn = TcpConnection.from_syn(seg, now, settings)
+        conn = TcpConnection.from_syn(seg, now, settings, account=account)
         stack = self.stacks.get(ip.dst)
         if stack is None:
             real = route.address if route is not None else IPv4Address(ip.dst)
             stack = self.stacks[ip.dst] = DestinationStack(ip.dst, real)
         flow = TcpFlow(self, port, src_mac, ip.src, tcp.src_port, ip.dst, tcp.dst_port, conn,
-                       syn_quote=bytes(ip.buf[:ip.header_len + 8]), created=now)
+                       syn_quote=bytes(ip.buf[:ip.header_len + 8]), created=now, account=account)
         stack.flows[flow.key] = flow
         self.flow_count += 1
-        self.per_guest[ip.src] = self.per_guest.get(ip.src, 0) + 1
+        account.flows += 1
         self._count("connections-opened")
         if service is not None:
             self.supervisor.start_soon(self._run_service, flow, service, unit="tcp-service",
@@ -250,6 +262,19 @@ class TcpNat:
         else:
             self.supervisor.start_soon(self._run_flow, flow, route, unit="tcp-nat",
                                        on_error=lambda: self.flow_failed(flow))
+
+    def _admit(self, port: "Port") -> BufferAccount | None:
+        """The port's budget account if it may open one more flow; None (counted) if not."""
+        budget = self.budget
+        account = budget.account(port)
+        if account.flows >= self.config.max_connections_per_guest:
+            self._count("guest-connection-limit")
+        elif not budget.admits(account):
+            budget.refused += 1
+        else:
+            return account
+        budget.forget(port)
+        return None
 
     def flush(self) -> None:
         """End of a batch of frames: act on every flow the batch touched."""
@@ -424,13 +449,19 @@ class TcpNat:
             self._count("forward-ports-exhausted")
             sock.close()
             return None
+        account = self._admit(port)
+        if account is None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+            sock.close()
+            return None
         settings = self.offload_settings if port.link.offload else self.settings
-        conn = TcpConnection.connect(now, settings)
-        flow = TcpFlow(self, port, mac, guest_ip.packed, guest_port, src, local_port, conn, created=now)
+        conn = TcpConnection.connect(now, settings, account=account)
+        flow = TcpFlow(self, port, mac, guest_ip.packed, guest_port, src, local_port, conn, created=now,
+                       account=account)
         flow.sock = sock
         stack.flows[flow.key] = flow
         self.flow_count += 1
-        self.per_guest[flow.guest_ip] = self.per_guest.get(flow.guest_ip, 0) + 1
+        account.flows += 1
         self._count("forwards-opened")
         self._service(flow, now)
         self.supervisor.start_soon(self._splice, flow, unit="tcp-forward", on_error=lambda: self.flow_failed(flow))
@@ -559,11 +590,14 @@ class TcpNat:
             if not stack.flows:
                 del self.stacks[flow.dst_ip]
         self.flow_count -= 1
-        remaining = self.per_guest.get(flow.guest_ip, 1) - 1
-        if remaining:
-            self.per_guest[flow.guest_ip] = remaining
-        else:
-            self.per_guest.pop(flow.guest_ip, None)
+        # Free the buffers now, whatever may still hold the flow object for a while
+        # (a superseded timer entry), and give the bytes back to the guest's budget.
+        flow.conn.release_buffers()
+        account = flow.account
+        if account is not None:
+            account.flows -= 1
+            if not account.flows:
+                self.budget.forget(flow.port)
         self._dirty.pop(flow, None)
         self._timers.cancel(flow)
         self._half_closed.cancel(flow)
@@ -578,12 +612,18 @@ class TcpNat:
         self._count("connections-closed")
 
     def _port_detached(self, port: "Port") -> None:
-        """The guest's link is gone: reset the host side of every flow it owned."""
+        """The guest's link is gone: reset the host side of every flow it owned, and give
+        the memory its buffers held back to the OS."""
+        closed = 0
         for stack in list(self.stacks.values()):
             for flow in list(stack.flows.values()):
                 if flow.port is port:
                     self._abort_host(flow)
                     self._close_flow(flow)
+                    closed += 1
+        self.budget.forget(port)
+        if closed:
+            return_freed_memory()
 
     def close(self) -> None:
         """Close every flow's host socket (the switch is shutting down)."""
@@ -596,4 +636,7 @@ class TcpNat:
         return [flow for stack in self.stacks.values() for flow in stack.flows.values()]
 
     def statistics(self) -> dict:
-        return {"flows": self.flow_count, "destinations": len(self.stacks), **self.counters}
+        """Flow gauges, event counters, the budget's enforcement counters (``budget-*``)
+        and, under ``buffers``, the bytes buffered now in total and per guest (port id)."""
+        return {"flows": self.flow_count, "destinations": len(self.stacks), **self.counters,
+                **self.budget.counters(), "buffers": self.budget.statistics()}

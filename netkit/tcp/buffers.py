@@ -11,9 +11,19 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from collections import deque
 
-__all__ = ["SendBuffer", "ReceiveQueue", "Reassembly", "Scoreboard"]
+__all__ = ["SendBuffer", "ReceiveQueue", "Reassembly", "Scoreboard", "PIECE_COST", "BLOCK_COST"]
 
 _SMALL = 4096
+#: In-order segments shorter than this are appended to the receive queue's last chunk
+#: (while it is small), so a peer sending tiny segments cannot make the queue hold a
+#: Python object per byte or two. Bulk segments are never copied.
+_MERGE = 512
+#: Memory an out-of-order piece costs beyond its payload (the bytes object and its list
+#: slot), and a separate block (its start, end and piece list): measured with
+#: tracemalloc, rounded up. Budgets charge them so that tiny segments with gaps cost
+#: what they really hold.
+PIECE_COST = 48
+BLOCK_COST = 128
 
 
 class SendBuffer:
@@ -106,8 +116,18 @@ class ReceiveQueue:
         self.size = 0
 
     def append(self, data: bytes) -> None:
-        self._chunks.append(data)
-        self.size += len(data)
+        n = len(data)
+        chunks = self._chunks
+        if n < _MERGE and chunks and len(chunks[-1]) < _SMALL:
+            chunks[-1] = chunks[-1] + data
+        else:
+            chunks.append(data)
+        self.size += n
+
+    def clear(self) -> None:
+        self._chunks.clear()
+        self._head = 0
+        self.size = 0
 
     def peek(self) -> memoryview:
         """All unconsumed data as one contiguous read-only view (joins chunks if needed)."""
@@ -182,9 +202,15 @@ class Reassembly:
     def nblocks(self) -> int:
         return len(self._starts)
 
-    def insert(self, s: int, data: bytes | memoryview) -> int:
-        """Store ``data`` at absolute offset ``s``; returns bytes newly stored, or -1 if
-        it would exceed a cap (then nothing is stored)."""
+    @property
+    def cost(self) -> int:
+        """Memory held, for budgets: payload plus the fixed cost of each piece and block."""
+        return self.size + self.npieces * PIECE_COST + len(self._starts) * BLOCK_COST
+
+    def insert(self, s: int, data: bytes | memoryview, room: int | None = None) -> int:
+        """Store ``data`` at absolute offset ``s``; returns bytes newly stored, -1 if it
+        would exceed a cap, or -2 if it would add more than ``room`` to :attr:`cost` (a
+        budget); then nothing is stored."""
         e = s + len(data)
         starts, ends, pieces = self._starts, self._ends, self._pieces
         i = bisect_left(ends, s)            # first block ending at or after s
@@ -194,6 +220,8 @@ class Reassembly:
             if (self.size + n > self.max_bytes or self.npieces >= self.max_pieces
                     or len(starts) >= self.max_blocks):
                 return -1
+            if room is not None and n + PIECE_COST + BLOCK_COST > room:
+                return -2
             starts.insert(i, s)
             ends.insert(i, e)
             pieces.insert(i, [bytes(data)])
@@ -219,6 +247,8 @@ class Reassembly:
         if (self.size + added > self.max_bytes
                 or self.npieces + len(gaps) > self.max_pieces):
             return -1
+        if room is not None and added + len(gaps) * PIECE_COST > room:
+            return -2
         merged: list[bytes] = []
         g = 0
         for k in range(i, j + 1):

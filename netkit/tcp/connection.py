@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 from ..wire.tcp import ACK, FIN, PSH, RST, SYN, TcpOptions
 from .buffers import Reassembly, ReceiveQueue, Scoreboard, SendBuffer
@@ -58,6 +59,9 @@ from .events import Closed, Connected, DataReceived, Event, PeerFinished, Reset,
 from .segment import NO_OPTIONS, Segment, is_connection_request, rst_for
 from .settings import TcpSettings
 from .state import ACCEPTS_SEND, RECEIVES_DATA, SENDS_DATA, TRANSITIONS, TcpState, Trigger
+
+if TYPE_CHECKING:
+    from ..budget import BufferAccount
 
 __all__ = ["TcpConnection", "TcpStats"]
 
@@ -67,6 +71,9 @@ _TS_OVERHEAD = 12            # NOP NOP TS(10) on every segment once timestamps a
 _PAWS_IDLE = 24 * 86400.0    # RFC 7323 5.5: ts_recent older than this is invalid
 _DEFAULT_MSS = 536           # RFC 9293 3.7.1: peer MSS when it sent none
 _MAX_DUP_RUN = 4             # at most this many distinct dup ACKs queued back to back
+#: Host data a flow over its budget may still take when its send buffer is empty (its
+#: progress floor; one MSS at most).
+_SEND_FLOOR_MAX = 4096
 
 # timer kinds
 _T_NONE, _T_RTX, _T_PERSIST, _T_TIME_WAIT = 0, 1, 2, 3
@@ -106,7 +113,8 @@ class TcpStats:
     rto_expirations: int = 0
     dup_acks_in: int = 0
     ooo_segments: int = 0         # segments queued out of order
-    ooo_dropped: int = 0          # out-of-order bytes dropped at the reassembly cap
+    ooo_dropped: int = 0          # out-of-order bytes dropped at the reassembly cap or budget
+    budget_dropped: int = 0       # in-order bytes dropped because the buffer budget is used up
     out_of_window: int = 0        # segments failing the acceptability test (answered by ACK)
     paws_dropped: int = 0
     bad_ack: int = 0              # ACKs for data never sent, or far too old
@@ -142,7 +150,8 @@ class TcpConnection:
         "_tw_start", "_fin_seq", "_shutdown", "_peer_fin", "_out", "_pend_ack", "_pend_ack_now",
         "_cork", "_cork_now", "_out_dups", "_events", "_start", "_last_rcv", "_syn_opts",
         "_chal_start", "_chal_count", "_opts", "_opts_ts", "_opts_tsecr", "_rcv_buffer",
-        "_snd_buffer", "_sws", "_space_low", "_ws_ok", "_rtx_ts",
+        "_snd_buffer", "_sws", "_space_low", "_ws_ok", "_rtx_ts", "_acct", "_floor_rcv",
+        "_floor_snd", "_budget_blocked",
     )
 
     # ------------------------------------------------------------------ construction
@@ -232,13 +241,23 @@ class TcpConnection:
         self._snd_buffer = s.snd_buffer
         self._sws = min(s.rcv_buffer // 2, s.mss)
         self._space_low = s.snd_buffer // 2
+        #: The guest's buffer budget (netkit.budget), or None: not budgeted.
+        self._acct: BufferAccount | None = None
+        # What a flow holding (next to) nothing may always buffer, whatever the budget
+        # says, so that no flow deadlocks: one MSS of guest data, a little host data.
+        self._floor_rcv = s.mss
+        self._floor_snd = min(s.mss, _SEND_FLOOR_MAX)
+        #: The budget cut our send space: tell the application when ACKs free some.
+        self._budget_blocked = False
 
     @classmethod
     def connect(cls, now: float, settings: TcpSettings | None = None, *, iss: int | None = None,
-                ts_offset: int | None = None) -> "TcpConnection":
-        """Active open: the returned connection has a SYN in ``take_outgoing()``."""
+                ts_offset: int | None = None, account: "BufferAccount | None" = None) -> "TcpConnection":
+        """Active open: the returned connection has a SYN in ``take_outgoing()``.
+        ``account``: the buffer budget this connection charges (see :attr:`buffered_bytes`)."""
         self = cls(settings or TcpSettings(), now, _random32() if iss is None else iss,
                    _random32() if ts_offset is None else ts_offset)
+        self._acct = account
         self._transition(Trigger.CONNECT, now)
         s = self.settings
         self._syn_opts = TcpOptions(
@@ -251,14 +270,17 @@ class TcpConnection:
 
     @classmethod
     def from_syn(cls, syn: Segment, now: float, settings: TcpSettings | None = None, *,
-                 iss: int | None = None, ts_offset: int | None = None) -> "TcpConnection":
+                 iss: int | None = None, ts_offset: int | None = None,
+                 account: "BufferAccount | None" = None) -> "TcpConnection":
         """Passive open from a peer's SYN. Nothing is sent until :meth:`accept` or
         :meth:`refuse` (state SYN_PENDING). ``syn`` must satisfy
-        :func:`~netkit.tcp.segment.is_connection_request` (else ``ValueError``)."""
+        :func:`~netkit.tcp.segment.is_connection_request` (else ``ValueError``).
+        ``account``: the buffer budget this connection charges."""
         if not is_connection_request(syn):
             raise ValueError(f"not a connection request: {syn!r}")
         self = cls(settings or TcpSettings(), now, _random32() if iss is None else iss,
                    _random32() if ts_offset is None else ts_offset)
+        self._acct = account
         self._transition(Trigger.SYN_ARRIVED, now)
         self.irs = syn.seq & MASK
         self.rcv_nxt = (self.irs + 1) & MASK
@@ -303,6 +325,11 @@ class TcpConnection:
         if self._shutdown or self.state not in ACCEPTS_SEND:
             return 0
         space = self._snd_buffer - len(self._sndbuf)
+        acct = self._acct
+        if acct is not None:
+            total = acct.total
+            if acct.used + space > acct.limit or total.used + space > total.limit:
+                space = self._budget_send_space(space)
         n = len(data)
         if n > space:
             if space <= 0:
@@ -314,20 +341,73 @@ class TcpConnection:
         if type(data) is not bytes:
             data = bytes(data)
         self._sndbuf.append(data)
+        if acct is not None:
+            acct.used += n
+            total.used += n
         if self.state in SENDS_DATA:
             self._output(now)
         return n
 
     def send_space(self) -> int:
-        """Bytes :meth:`send` would accept now."""
+        """Bytes :meth:`send` would accept now: the send buffer's room, cut to what the
+        buffer budget allows (a :class:`SendSpace` event follows when it grows again)."""
         if self._shutdown or self.state not in ACCEPTS_SEND:
             return 0
-        return max(0, self._snd_buffer - len(self._sndbuf))
+        space = self._snd_buffer - len(self._sndbuf)
+        acct = self._acct
+        if acct is not None and space > 0:
+            total = acct.total
+            if acct.used + space > acct.limit or total.used + space > total.limit:
+                space = self._budget_send_space(space)
+                if space <= 0:
+                    total.send_limited += 1
+        return space if space > 0 else 0
+
+    def _budget_send_space(self, space: int) -> int:
+        """``space`` cut to the budget's room, but never below the progress floor."""
+        acct = self._acct
+        allow = acct.room()
+        floor = self._floor_snd - len(self._sndbuf)
+        if floor > allow:
+            allow = floor
+        if allow < space:
+            self._budget_blocked = True
+            return allow
+        return space
 
     @property
     def send_buffered(self) -> int:
         """Bytes queued and not yet acknowledged by the peer."""
         return len(self._sndbuf)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Memory held in this connection's buffers, as charged to its budget account:
+        the send buffer, the receive queue, and the out-of-order queue (with a fixed cost
+        per piece, see :data:`~netkit.tcp.buffers.PIECE_COST`)."""
+        return len(self._sndbuf) + self._rcvq.size + self._ooo.cost
+
+    @property
+    def account(self) -> "BufferAccount | None":
+        return self._acct
+
+    def release_buffers(self) -> None:
+        """The runtime is done with this connection: drop everything buffered and return
+        it to the budget. Call it once the connection is closed or abandoned; the
+        connection must not be driven afterwards."""
+        acct = self._acct
+        if acct is not None:
+            n = self.buffered_bytes
+            if n:
+                acct.charge(-n)
+            self._acct = None
+        if self._sndbuf.end != self._sndbuf.start:
+            self._sndbuf = SendBuffer()
+        if self._rcvq.size:
+            self._rcvq.clear()
+        if self._ooo:
+            self._ooo.clear()
+        self._sb.clear()
 
     def received(self) -> memoryview:
         """In-order data not yet consumed, as one read-only view (joins internally when
@@ -347,11 +427,15 @@ class TcpConnection:
         receive window; a window update goes out when it opens significantly
         (RFC 1122 4.2.3.3 SWS avoidance)."""
         self._rcvq.consume(n)
+        acct = self._acct
+        if acct is not None:
+            acct.used -= n
+            acct.total.used -= n
         if n and self.state in RECEIVES_DATA and not self._peer_fin:
             cur = (self._rcv_adv - self.rcv_nxt) & MASK
             if cur >= HALF:
                 cur = 0
-            free = self._rcv_buffer - self._rcvq.size
+            free = self._rcv_free()
             if cur * 2 <= self._rcv_buffer and free - cur >= self._sws and free >> self._rcv_wscale:
                 self._ack_pending = True
                 self._output(now)
@@ -525,10 +609,15 @@ class TcpConnection:
             return False
         payload = seg.payload
         plen = len(payload)
+        acct = self._acct
         if plen:
             if d_ack or plen > ((self._rcv_adv - self.rcv_nxt) & MASK) \
                     or self._rcv_fin_seq is not None:
                 return False
+            if acct is not None:
+                total = acct.total
+                if acct.used + plen > acct.limit or total.used + plen > total.limit:
+                    return False            # over the budget: the full path decides
         elif not d_ack:
             return False
         # ---- accepted
@@ -552,6 +641,9 @@ class TcpConnection:
                 self.max_snd_wnd = wnd
         if plen:
             self._rcvq.append(bytes(payload))
+            if acct is not None:
+                acct.used += plen
+                total.used += plen
             self.rcv_nxt = (self.rcv_nxt + plen) & MASK
             self._rcv_abs += plen
             self.stats.bytes_in += plen
@@ -788,7 +880,13 @@ class TcpConnection:
             space_before = self._snd_buffer - blen
             buf.drop(n)
             self._snd_base_seq = (self._snd_base_seq + n) & MASK
-            if space_before < self._space_low and self.state in ACCEPTS_SEND and not self._shutdown:
+            acct = self._acct
+            if acct is not None:
+                acct.used -= n
+                acct.total.used -= n
+            if (space_before < self._space_low or self._budget_blocked) and self.state in ACCEPTS_SEND \
+                    and not self._shutdown:
+                self._budget_blocked = False
                 ev = self._events
                 if not ev or ev[-1] is not _SEND_SPACE:
                     ev.append(_SEND_SPACE)
@@ -938,11 +1036,23 @@ class TcpConnection:
             plen = keep
             fin = 0
             self._ack_pending = True
+        acct = self._acct
         if d:
             # out of order
             if plen:
                 self.stats.ooo_segments += 1
-                if self._ooo.insert(self._rcv_abs + d, payload) < 0:
+                ooo = self._ooo
+                if acct is None:
+                    stored = ooo.insert(self._rcv_abs + d, payload)
+                else:
+                    cost = ooo.cost
+                    stored = ooo.insert(self._rcv_abs + d, payload, acct.room())
+                    if stored == -2:
+                        acct.total.ooo_dropped += 1
+                        acct.total.ooo_dropped_bytes += plen
+                    else:
+                        acct.charge(ooo.cost - cost)
+                if stored < 0:
                     self.stats.ooo_dropped += plen
             if fin:
                 f = (seq + plen) & MASK
@@ -951,8 +1061,30 @@ class TcpConnection:
                     self._rcv_fin_seq = f
             self._ack_dup = True
             return
+        if plen and acct is not None:
+            # In order, inside the window we advertised, but the budget may have been
+            # used up since by other flows: keep what it allows (or the progress floor)
+            # and drop the rest; the peer retransmits it.
+            allow = acct.room()
+            floor = self._floor_rcv - self._rcvq.size
+            if floor > allow:
+                allow = floor
+            if plen > allow:
+                keep = allow if allow > 0 else 0
+                acct.total.rcv_dropped += 1
+                acct.total.rcv_dropped_bytes += plen - keep
+                self.stats.budget_dropped += plen - keep
+                payload = memoryview(payload)[:keep]
+                plen = keep
+                fin = 0
+                self._ack_pending = True
         if plen:
-            self._deliver(payload, now)
+            if acct is None:
+                self._deliver(payload, now)
+            else:
+                before = self._rcvq.size + self._ooo.cost
+                self._deliver(payload, now)
+                acct.charge(self._rcvq.size + self._ooo.cost - before)
         if fin:
             if self.rcv_nxt != ((seq + plen) & MASK):
                 fin = 0                         # data past the FIN: ignore the FIN
@@ -1010,7 +1142,7 @@ class TcpConnection:
         self.rcv_nxt = (self.rcv_nxt + 1) & MASK
         self._peer_fin = True
         self._rcv_fin_seq = None
-        self._ooo.clear()
+        self._clear_ooo()
         self._ack_pending = True
         self._events.append(PeerFinished())
         self._transition(Trigger.RCV_FIN, now)
@@ -1134,6 +1266,7 @@ class TcpConnection:
         una = self.snd_una
         seg_max = self._seg_max
         cwnd = self.cwnd
+        win = -1                                # the window field, computed once per burst
         if self._recovery == _REC_SACK:
             pipe = self._sack_pipe()
             sb = self._sb
@@ -1149,7 +1282,9 @@ class TcpConnection:
                     if n > seg_max:
                         n = seg_max
                     seq = (self._snd_base_seq + (s - buf.start)) & MASK
-                    self._note_retransmit(now, seq, self._xmit(seq, s, n, now))
+                    if win < 0:
+                        win = self._rcv_window()
+                    self._note_retransmit(now, seq, self._xmit(seq, s, n, now, win))
                     self._high_rxt = s + n
                     pipe += n
         else:
@@ -1190,7 +1325,9 @@ class TcpConnection:
                     break                       # FIN alone needs one byte of window
                 n = 0
             retransmit = nxt != self.snd_max
-            end = self._xmit(nxt, nxt_abs, n, now)
+            if win < 0:
+                win = self._rcv_window()
+            end = self._xmit(nxt, nxt_abs, n, now, win)
             if retransmit:
                 self._note_retransmit(now, nxt, end)
             elif self._rtt_seq is None and not self.timestamps_enabled:
@@ -1256,9 +1393,11 @@ class TcpConnection:
         if self.timestamps_enabled:
             self._rtx_ts = self._tsval(now)
 
-    def _xmit(self, seq: int, off: int, n: int, now: float) -> int:
+    def _xmit(self, seq: int, off: int, n: int, now: float, win: int = -1) -> int:
         """Emit ``n`` data bytes from absolute offset ``off`` at ``seq`` (plus our FIN when
-        it comes next); returns the sequence number after the segment."""
+        it comes next); returns the sequence number after the segment. ``win``: the
+        window field, when the caller computed it for a burst (nothing arrives between
+        the segments of one burst, so it is the same for all of them)."""
         flags = ACK
         end = (seq + n) & MASK
         if n:
@@ -1271,8 +1410,8 @@ class TcpConnection:
         if end == self._fin_seq and self._fin_seq is not None:
             flags |= FIN
             end = (end + 1) & MASK
-        self._emit(Segment(seq, self.rcv_nxt, flags, self._rcv_window(), self._seg_options(now),
-                           payload))
+        self._emit(Segment(seq, self.rcv_nxt, flags, win if win >= 0 else self._rcv_window(),
+                           self._seg_options(now), payload))
         d = (end - self.snd_max) & MASK
         if d and d < HALF:
             self.snd_max = end
@@ -1344,7 +1483,7 @@ class TcpConnection:
             self._rtt_start = self.iss
             self._rtt_seq = (self.iss + 1) & MASK
             self._rtt_time = now
-        win = min(self._rcv_buffer - self._rcvq.size, 0xFFFF)
+        win = min(self._rcv_free(), 0xFFFF)
         if self.state is _SYN_SENT:
             seg = Segment(self.iss, 0, SYN, win, self._syn_opts)
         else:
@@ -1384,6 +1523,23 @@ class TcpConnection:
         ws = self._rcv_wscale
         rcv_nxt = self.rcv_nxt
         free = self._rcv_buffer - self._rcvq.size
+        acct = self._acct
+        if acct is not None:
+            # The budget: what is left of it (out-of-order data inside the window is
+            # charged already), but never less than the progress floor.
+            total = acct.total
+            allow = acct.limit - acct.used
+            t = total.limit - total.used
+            if t < allow:
+                allow = t
+            if allow < free:
+                allow += self._ooo.size
+                floor = self._floor_rcv - self._rcvq.size
+                if floor > allow:
+                    allow = floor
+                if allow < free:
+                    free = allow
+                    total.window_limited += 1
         cur = (self._rcv_adv - rcv_nxt) & MASK
         if cur >= HALF:
             cur = 0
@@ -1398,6 +1554,31 @@ class TcpConnection:
         if adv > cur:
             self._rcv_adv = (rcv_nxt + adv) & MASK
         return raw
+
+    def _rcv_free(self) -> int:
+        """Receive buffer room, cut by the budget as in :meth:`_rcv_window` (no counting)."""
+        free = self._rcv_buffer - self._rcvq.size
+        acct = self._acct
+        if acct is not None:
+            allow = acct.room() + self._ooo.size
+            floor = self._floor_rcv - self._rcvq.size
+            if floor > allow:
+                allow = floor
+            if allow < free:
+                free = allow
+        return free
+
+    def _drop_sndbuf(self) -> None:
+        acct = self._acct
+        if acct is not None:
+            acct.charge(-len(self._sndbuf))
+        self._sndbuf = SendBuffer()
+
+    def _clear_ooo(self) -> None:
+        acct = self._acct
+        if acct is not None:
+            acct.charge(-self._ooo.cost)
+        self._ooo.clear()
 
     def _tsval(self, now: float) -> int:
         return (int(now * 1000.0) + self._ts_offset) & MASK
@@ -1488,8 +1669,8 @@ class TcpConnection:
             self._ack_dup = False
             self._pend_ack = False
             self._cork = False
-            self._sndbuf = SendBuffer()
-            self._ooo.clear()
+            self._drop_sndbuf()
+            self._clear_ooo()
             self._sb.clear()
             self._events.append(Closed())
         elif new is _ESTABLISHED:
@@ -1500,5 +1681,5 @@ class TcpConnection:
             self._timer = now + self.settings.time_wait
             self._timer_kind = _T_TIME_WAIT
             self._tw_start = now
-            self._sndbuf = SendBuffer()
+            self._drop_sndbuf()
             self._sb.clear()

@@ -5,7 +5,10 @@ servers on host loopback, and prints one result line; ``--json FILE`` also write
 Needs root. Parts: ``connections`` (N concurrent TCP connections, each moving data, then
 held idle: RSS per connection), ``scan`` (all 65535 ports of the host alias), ``lossy``
 (exact bytes each way over the fault-injection link, several seeds), ``dnsflood`` (DNS
-queries to a slow upstream while another guest's TCP transfer runs).
+queries to a slow upstream while another guest's TCP transfer runs), ``memory`` (issue 12
+attack 5 with fake guests on memory links: N zero-window downloads, then 2N connections
+filled with out-of-order data; RSS before, at the peak and after the attacker left, the
+bytes buffered against ``guest_buffer_bytes``, and a victim's download meanwhile).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from netkit.testing.netns_guest import open_netns_guest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOOLS = os.path.join(os.path.dirname(HERE), "tools")
+sys.path.insert(0, os.path.dirname(HERE))  # tests/: the attack helpers of tests/adversarial
 HOST = "192.168.65.2"
 MB = 1 << 20
 
@@ -251,6 +255,81 @@ print("sent=%d rate=%d" % (sent, sent / (time.monotonic() - start)))
         server.kill()
 
 
+async def part_memory(n: int, guest_mb: int | None, attacks: list[str], segments: int) -> list[dict]:
+    """Attack 5 of issue 12 at full size, default budgets (or ``guest_mb``)."""
+    from adversarial.memory_attack import RawTcpAttacker, rss_bytes, start_server, wait_until
+    from netkit.links.memory import memory_link_pair
+    from netkit.testing.fake_guest import FakeGuest
+
+    budget = {}
+    if guest_mb is not None:
+        budget = {"guest_buffer_bytes": guest_mb * MB, "total_buffer_bytes": max(guest_mb * 4, 256) * MB}
+    server, ports = start_server(64 * MB)
+    results = []
+    try:
+        async with netkit.open_switch(config(allow=("192.168.65.2/32", "127.0.0.1/8"), **budget)) as switch:
+            async with trio.open_nursery() as nursery:
+                async def guest() -> FakeGuest:
+                    guest_end, switch_end = memory_link_pair(mtu=switch.config.mtu)
+                    switch.attach(switch_end)
+                    g = FakeGuest(guest_end)
+                    await nursery.start(g.run)
+                    await g.dhcp()
+                    return g
+
+                victim = await guest()
+                nat = switch.tcp_nat
+                for kind, count in (("zero-window", n), ("out-of-order", 2 * n)):
+                    if kind not in attacks:
+                        continue
+                    attacker = await guest()
+                    raw = RawTcpAttacker(attacker, switch.config.gateway_mac, switch.config.host_ip.packed)
+                    base = rss_bytes()
+                    t0 = time.monotonic()
+                    if kind == "zero-window":
+                        await raw.open(count, ports.flood, window=0, timeout=300)
+                        flows = [f for f in nat.flows() if f.guest_ip == attacker.ip]
+                        await wait_until(lambda: all(f.conn.send_space() == 0 or f.conn.send_buffered >= (1 << 20)
+                                                     for f in flows), 300, "host reads to stop")
+                    else:
+                        conns = await raw.open(count, ports.idle, window=65535, wscale=7, timeout=300)
+                        flows = [f for f in nat.flows() if f.guest_ip == attacker.ip]
+                        await raw.send_with_gaps(conns, segments)
+                        await wait_until(lambda: sum(f.conn.stats.ooo_segments + f.conn.stats.out_of_window
+                                                     for f in flows) >= len(flows) * segments, 300,
+                                         "segments processed")
+                    peak = rss_bytes()
+                    buffered = nat.statistics().get("buffers", {}).get("buffered-bytes")
+                    t1 = time.monotonic()
+                    stream = await victim.open_tcp_stream(HOST, ports.file)
+                    got = 0
+                    while data := await stream.receive_some(1 << 20):
+                        got += len(data)
+                    await stream.aclose()
+                    victim_s = time.monotonic() - t1
+                    del flows
+                    await attacker.link.aclose()
+                    await wait_until(lambda: nat.flow_count == 0, 60, "flows closed")
+                    after = rss_bytes()
+                    stats = nat.statistics()
+                    results.append({
+                        "part": "memory", "attack": kind, "connections_tried": count,
+                        "connections_opened": raw.established, "refused": raw.resets,
+                        "ooo_offered_mb": round(2 * n * segments * 1460 / MB, 1) if kind == "out-of-order" else None,
+                        "attack_s": round(t1 - t0, 2), "rss_base_mb": round(base / MB, 1),
+                        "rss_peak_mb": round(peak / MB, 1), "rss_after_leave_mb": round(after / MB, 1),
+                        "buffered_mb": None if buffered is None else round(buffered / MB, 2),
+                        "guest_budget_mb": switch.config.guest_buffer_bytes / MB
+                        if hasattr(switch.config, "guest_buffer_bytes") else None,
+                        "victim_download_mb": round(got / MB, 1), "victim_download_s": round(victim_s, 2),
+                        "counters": {k: v for k, v in stats.items() if k.startswith("budget-") and v},
+                    })
+                nursery.cancel_scope.cancel()
+    finally:
+        server.kill()
+    return results
+
+
 async def main(args) -> list[dict]:
     resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
     results: list[dict] = []
@@ -263,6 +342,9 @@ async def main(args) -> list[dict]:
             new = await part_lossy(args.lossy_mb, args.seeds)
         elif part == "dnsflood":
             new = [await part_dnsflood(args.dns_queries)]
+        elif part == "memory":
+            new = await part_memory(args.memory_connections, args.guest_buffer_mb, args.memory_attacks,
+                                    args.memory_segments)
         else:
             raise SystemExit(f"unknown part {part!r}")
         for result in new:
@@ -273,11 +355,18 @@ async def main(args) -> list[dict]:
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("parts", nargs="*", default=["connections", "scan", "lossy", "dnsflood"])
+    p.add_argument("parts", nargs="*", default=["connections", "scan", "lossy", "dnsflood", "memory"])
     p.add_argument("--connections", type=int, default=10000)
     p.add_argument("--lossy-mb", type=int, default=1024)
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--dns-queries", type=int, default=20000)
+    p.add_argument("--memory-connections", type=int, default=300,
+                   help="memory part: zero-window downloads (twice as many out-of-order connections)")
+    p.add_argument("--memory-attacks", nargs="+", default=["zero-window", "out-of-order"])
+    p.add_argument("--memory-segments", type=int, default=256,
+                   help="memory part: out-of-order segments of 1460 bytes sent on each connection")
+    p.add_argument("--guest-buffer-mb", type=int, default=None,
+                   help="memory part: guest_buffer_bytes in MiB (default: netkit's default)")
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args()
     if os.geteuid() != 0:

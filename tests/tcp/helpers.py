@@ -87,16 +87,16 @@ class Peer:
 
 def passive(settings: TcpSettings | None = None, *, mss: int | None = 1460,
             wscale: int | None = None, sack: bool = False, ts: bool = False,
-            window: int = 65535, now: float = 0.0) -> Peer:
+            window: int = 65535, now: float = 0.0, account=None) -> Peer:
     """An ESTABLISHED connection opened by a scripted peer (the common server case).
 
     Defaults: the peer sends no window scaling, SACK or timestamps, so raw windows are
-    bytes and segments carry no options.
+    bytes and segments carry no options. ``account``: a buffer budget account.
     """
     settings = settings or TcpSettings()
     syn = seg(PEER_ISS, 0, SYN, window, options=TcpOptions(
         mss=mss, wscale=wscale, sack_permitted=sack, timestamps=(1, 0) if ts else None))
-    conn = TcpConnection.from_syn(syn, now, settings, iss=OUR_ISS, ts_offset=0)
+    conn = TcpConnection.from_syn(syn, now, settings, iss=OUR_ISS, ts_offset=0, account=account)
     assert conn.state is TcpState.SYN_PENDING and not conn.take_outgoing()
     conn.accept(now)
     [synack] = conn.take_outgoing()

@@ -73,15 +73,27 @@ def _events(ep: Endpoint) -> None:
 def run_transfer(seed: int, data_a: bytes, data_b: bytes, *, settings_a: TcpSettings | None = None,
                  settings_b: TcpSettings | None = None, drop: float = 0.0, dup: float = 0.0,
                  reorder: float = 0.0, latency: float = 0.005, slow_reader: bool = False,
-                 max_time: float = 3000.0, max_steps: int = 200000) -> Result:
+                 max_time: float = 3000.0, max_steps: int = 200000, account_a=None,
+                 account_b=None) -> Result:
+    """``account_a`` / ``account_b``: buffer budget accounts (netkit.budget) the two
+    engines charge; after every step each must hold exactly what it held before plus
+    its engine's ``buffered_bytes``."""
     rng = random.Random(seed)
+    base_a = account_a.used if account_a is not None else 0
+    base_b = account_b.used if account_b is not None else 0
+
+    def check_accounts() -> None:
+        for ep, acct, base in ((a, account_a, base_a), (b, account_b, base_b)):
+            if acct is not None and ep.conn is not None:
+                assert acct.used == base + ep.conn.buffered_bytes, (ep.name, acct.used, base,
+                                                                    ep.conn.buffered_bytes)
     a = Endpoint("a", data_a, settings_a or TcpSettings())
     b = Endpoint("b", data_b, settings_b or TcpSettings())
     if slow_reader:
         b.read_limit = rng.choice((100, 1000, 5000))
     now = 0.0
     a.conn = TcpConnection.connect(now, a.settings, iss=rng.getrandbits(32),
-                                   ts_offset=rng.getrandbits(32))
+                                   ts_offset=rng.getrandbits(32), account=account_a)
     heap: list[tuple[float, int, str, Segment]] = []
     counter = 0
     delivered = dropped = 0
@@ -112,7 +124,8 @@ def run_transfer(seed: int, data_a: bytes, data_b: bytes, *, settings_a: TcpSett
                     if s.flags & 0x02 and not s.flags & 0x10:
                         b.conn = TcpConnection.from_syn(s, now, b.settings,
                                                         iss=rng.getrandbits(32),
-                                                        ts_offset=rng.getrandbits(32))
+                                                        ts_offset=rng.getrandbits(32),
+                                                        account=account_b)
                         b.conn.accept(now)
                     continue
                 b.conn.receive_segment(s, now)
@@ -125,6 +138,7 @@ def run_transfer(seed: int, data_a: bytes, data_b: bytes, *, settings_a: TcpSett
         put("b", a.conn.take_outgoing())
         if b.conn is not None:
             put("a", b.conn.take_outgoing())
+        check_accounts()
         if a.closed and (b.conn is None or b.closed) and not heap:
             break
         # advance the clock to the next thing that happens
@@ -153,4 +167,5 @@ def run_transfer(seed: int, data_a: bytes, data_b: bytes, *, settings_a: TcpSett
         if ep.conn is not None and ep.conn.received_size:
             ep.got += ep.conn.received()
             ep.conn.consume(ep.conn.received_size, now)
+    check_accounts()
     return Result(a, b, now, steps, delivered, dropped)
