@@ -35,7 +35,10 @@ from .wire import Ipv4View, UdpView, udp_frame
 from .wire.frames import fragment_frames
 
 if TYPE_CHECKING:
-    from .switch import Switch
+    from .config import Config
+    from .gateway import Gateway
+    from .nat.tcp import TcpNat
+    from .nat.udp import UdpNat
 
 __all__ = ["ForwardError", "Forward", "PortForwarder", "parse_forward_spec"]
 
@@ -110,8 +113,14 @@ class _UdpForwardFlow:
 class PortForwarder:
     """The forwards of one switch (``switch.forwarder``)."""
 
-    def __init__(self, switch: "Switch", nursery: trio.Nursery, supervisor: Supervisor) -> None:
-        self.switch = switch
+    def __init__(self, config: "Config", gateway: "Gateway", tcp_nat: "TcpNat", udp_nat: "UdpNat",
+                 nursery: trio.Nursery, supervisor: Supervisor) -> None:
+        self.config = config
+        self.gateway = gateway
+        #: Carries accepted TCP/unix connections into guests (``TcpNat.open_to_guest``).
+        self.tcp_nat = tcp_nat
+        #: Routes guests' UDP replies back to forward flows (``UdpNat.reverse``).
+        self.udp_nat = udp_nat
         self.nursery = nursery
         #: Runs each forward's listener; an accepted connection or a UDP flow that fails
         #: ends alone (counted as a flow error), the forward goes on serving.
@@ -120,7 +129,7 @@ class PortForwarder:
         self.counters: collections.Counter[str] = collections.Counter()
         #: (forward, host client) -> UDP forward flow.
         self._udp_flows: IdleFlowTable[tuple[int, tuple[str, int]], _UdpForwardFlow] = IdleFlowTable(
-            max_flows=switch.config.udp_max_flows, idle_timeout=switch.config.udp_idle_timeout,
+            max_flows=config.udp_max_flows, idle_timeout=config.udp_idle_timeout,
             release=self._release_udp, counters=self.counters)
         self._udp_by_port: dict[int, _UdpForwardFlow] = {}
         self._udp_ports = itertools.cycle(_UDP_FORWARD_PORTS)
@@ -133,8 +142,8 @@ class PortForwarder:
             raise ForwardError(f"protocol must be one of {', '.join(PROTOCOLS)}, not {proto!r}")
         guest_host, guest_port = _split_host_port(remote, "remote")
         guest_ip = IPv4Address(guest_host)
-        if guest_ip not in self.switch.config.subnet:
-            raise ForwardError(f"remote: {guest_ip} is not in the guest subnet {self.switch.config.subnet}")
+        if guest_ip not in self.config.subnet:
+            raise ForwardError(f"remote: {guest_ip} is not in the guest subnet {self.config.subnet}")
         key_local = local if proto == "unix" else ":".join(map(str, _split_host_port(local, "local")))
         if (proto, key_local) in self._forwards:
             raise ForwardError(f"{proto} {key_local} is already forwarded")
@@ -213,7 +222,7 @@ class PortForwarder:
 
     # ----- TCP and unix -----
     async def _serve_stream(self, forward: Forward) -> None:
-        tcp_nat = self.switch.tcp_nat
+        tcp_nat = self.tcp_nat
         with forward.cancel_scope:
             while True:
                 try:
@@ -268,8 +277,8 @@ class PortForwarder:
                         self._udp_flows.remove_if(lambda flow: flow.forward is forward and flow.client == client)
 
     def _udp_to_guest(self, forward: Forward, client: tuple[str, int], data: bytes) -> None:
-        switch = self.switch
-        gateway = switch.gateway
+        gateway = self.gateway
+        config = self.config
         now = trio.current_time()
         flow = self._udp_flows.get((id(forward), client))
         if flow is None:
@@ -282,17 +291,17 @@ class PortForwarder:
             flow = _UdpForwardFlow(forward, client, local_port, now)
             self._udp_flows.add((id(forward), client), flow, now)
             self._udp_by_port[local_port] = flow
-            switch.udp_nat.reverse[(switch.config.host_ip.packed, local_port)] = self._udp_from_guest
+            self.udp_nat.reverse[(config.host_ip.packed, local_port)] = self._udp_from_guest
             forward.connections += 1
         flow.last_active = now
         mac = gateway.mac_for_ip(forward.guest_ip.packed)
-        port = switch.port_for_mac(mac) if mac is not None else None
+        port = gateway.switch.port_for_mac(mac) if mac is not None else None
         if port is None:
             forward.refused += 1
             return
-        frame = udp_frame(mac, gateway.mac, switch.config.host_ip.packed, forward.guest_ip.packed, flow.local_port,
+        frame = udp_frame(mac, gateway.mac, config.host_ip.packed, forward.guest_ip.packed, flow.local_port,
                           forward.guest_port, data)
-        for piece in fragment_frames(frame, switch.config.mtu):
+        for piece in fragment_frames(frame, config.mtu):
             port.send(piece)
 
     def _udp_from_guest(self, ip: Ipv4View, udp: UdpView) -> None:
@@ -311,7 +320,7 @@ class PortForwarder:
     def _release_udp(self, flow: _UdpForwardFlow) -> None:
         flow.closed = True
         self._udp_by_port.pop(flow.local_port, None)
-        self.switch.udp_nat.reverse.pop((self.switch.config.host_ip.packed, flow.local_port), None)
+        self.udp_nat.reverse.pop((self.config.host_ip.packed, flow.local_port), None)
 
 
 def _reset(conn: socket.socket) -> None:

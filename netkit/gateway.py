@@ -102,8 +102,6 @@ class Gateway:
         self.frames_in = 0
         self.drops: collections.Counter[str] = collections.Counter()
         self.counters: collections.Counter[str] = collections.Counter()
-        switch.gateway = self
-        switch.on_mac_replaced(self._mac_replaced)
 
     # ----- services -----
     def register_udp_service(self, port: int, handler) -> None:
@@ -287,7 +285,7 @@ class Gateway:
         else:
             self.switch.bind_ip(mac, None)
 
-    def _mac_replaced(self, port: "Port", old_mac: bytes) -> None:
+    def mac_replaced(self, port: "Port", old_mac: bytes) -> None:
         """One port, one identity: a new MAC on ``port`` released ``old_mac``'s lease."""
         lease = self.leases.release_mac(old_mac)
         if lease is not None:
@@ -339,7 +337,7 @@ class Gateway:
         if expired:
             self._leases_changed()
 
-    def forget_port(self, port: "Port") -> None:
+    def port_detached(self, port: "Port") -> None:
         """A port detached: its share of fragment reassembly goes with it."""
         self.reassembler.forget(port)
 

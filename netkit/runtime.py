@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -24,9 +25,11 @@ from .nat.host import HostNetwork
 from .nat.icmp import IcmpNat
 from .nat.tcp import TcpNat
 from .nat.udp import UdpNat
+from .policy import Policy
 from .state import LeaseStateWriter, load_leases
 from .supervise import Supervisor
 from .switch import Switch
+from .wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP
 
 __all__ = ["open_switch", "LEASE_EXPIRY_INTERVAL"]
 
@@ -46,11 +49,28 @@ async def _sweep_leases(gateway: Gateway) -> None:
         gateway.expire_leases()
 
 
-def _start_dns(config: Config, switch: Switch, supervisor: Supervisor) -> DnsService:
+def _wire(switch: Switch, gateway: Gateway, tcp_nat: TcpNat, udp_nat: UdpNat, icmp_nat: IcmpNat) -> None:
+    """Who hands frames and events to whom, all in one place (no component registers
+    itself with another from its constructor)."""
+    switch.gateway = gateway  # frames to the gateway's MAC, and broadcasts
+    gateway.nat[PROTO_TCP] = tcp_nat.input  # packets to destinations beyond the gateway
+    gateway.nat[PROTO_UDP] = udp_nat.input
+    gateway.nat[PROTO_ICMP] = icmp_nat.input
+    gateway.unclaimed[PROTO_TCP] = tcp_nat.input  # the gateway's own ports no service owns: RST
+    gateway.unclaimed[PROTO_UDP] = udp_nat.port_unreachable
+    switch.on_batch_done(tcp_nat.flush)  # one ACK for a batch of segments
+    switch.on_mac_replaced(gateway.mac_replaced)  # the old MAC's lease is released
+    for component in (gateway, tcp_nat, udp_nat, icmp_nat):
+        switch.on_detach(component.port_detached)
+    for nat in (tcp_nat, udp_nat, icmp_nat):
+        switch.on_address_unbound(nat.address_unbound)
+
+
+def _start_dns(config: Config, gateway: Gateway, tcp_nat: TcpNat, policy: Policy,
+               supervisor: Supervisor) -> DnsService:
     """DNS on the gateway: UDP and TCP port 53."""
     dns = DnsService(config)
-    dns.policy = switch.policy
-    gateway = switch.gateway
+    dns.policy = policy
     # --vm-names resolve to the asking guest's own address: the service's default, since
     # port security only lets a guest send from its leased address.
 
@@ -65,11 +85,11 @@ def _start_dns(config: Config, switch: Switch, supervisor: Supervisor) -> DnsSer
         supervisor.start_soon(answer, bytes(payload), client, reply, unit="dns")
 
     gateway.register_udp_service(DNS_PORT, datagram)
-    switch.tcp_nat.register_service(DNS_PORT, dns.serve_tcp)
+    tcp_nat.register_service(DNS_PORT, dns.serve_tcp)
     return dns
 
 
-def _start_sntp(switch: Switch) -> SntpServer:
+def _start_sntp(gateway: Gateway) -> SntpServer:
     """SNTP on the gateway, UDP port 123, answering from the host clock (DHCP option 42
     points guests here)."""
     sntp = SntpServer()
@@ -79,22 +99,31 @@ def _start_sntp(switch: Switch) -> SntpServer:
         if answer is not None:
             reply(answer)
 
-    switch.gateway.register_udp_service(SNTP_PORT, datagram)
+    gateway.register_udp_service(SNTP_PORT, datagram)
     return sntp
 
 
-def _start_9p(config: Config, switch: Switch) -> None:
-    """The 9P2000.L file service on the gateway, TCP port 564, for ``config.shares``."""
-    shares = config.shares_by_name()
+class FileService:
+    """The 9P2000.L file service on the gateway, TCP port 564, for ``config.shares``;
+    its counters (messages, errors, ``setid_stripped``, ``privilege_refused``...) add up
+    over every connection."""
 
-    async def serve(stream, client) -> None:
-        await serve_9p(stream, shares, msize_max=config.files_msize_max, max_fids=config.files_max_fids,
-                       max_outstanding=config.files_max_outstanding)
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.shares = config.shares_by_name()
+        self.stats: collections.Counter[str] = collections.Counter()
 
-    switch.tcp_nat.register_service(NINEP_PORT, serve)
+    async def serve(self, stream, client) -> None:
+        config = self.config
+        await serve_9p(stream, self.shares, msize_max=config.files_msize_max, max_fids=config.files_max_fids,
+                       max_outstanding=config.files_max_outstanding, stats=self.stats)
+
+    def statistics(self) -> dict:
+        return dict(self.stats)
 
 
-async def _start_http_proxy(config: Config, switch: Switch, nursery: trio.Nursery, gate: HostGate) -> HttpProxy:
+async def _start_http_proxy(config: Config, gateway: Gateway, tcp_nat: TcpNat, nursery: trio.Nursery,
+                            gate: HostGate) -> HttpProxy:
     """The HTTP proxy on the gateway (explicit on ``http_proxy_port``; transparent for
     the ports its settings list). Every connection it makes goes through ``gate`` with
     the guest's identity, like NAT's (names that mean the host reach the host's loopback,
@@ -102,8 +131,8 @@ async def _start_http_proxy(config: Config, switch: Switch, nursery: trio.Nurser
     host_names = set(config.host_names) | {str(config.host_ip)}
 
     def port_of(guest: IPv4Address) -> int | None:
-        mac = switch.gateway.mac_for_ip(guest.packed)
-        port = switch.port_for_mac(mac) if mac is not None else None
+        mac = gateway.mac_for_ip(guest.packed)
+        port = gateway.switch.port_for_mac(mac) if mac is not None else None
         return port.id if port is not None else None
 
     settings = ProxySettings.from_environment(os.environ)
@@ -114,7 +143,7 @@ async def _start_http_proxy(config: Config, switch: Switch, nursery: trio.Nurser
     proxy = HttpProxy(settings, connect=GateConnector(gate, port_of))
     if config.http_proxy_file:
         await nursery.start(proxy.watch_file, config.http_proxy_file)
-    switch.tcp_nat.register_service(config.http_proxy_port, proxy.handle_client)
+    tcp_nat.register_service(config.http_proxy_port, proxy.handle_client)
 
     def intercept(destination: IPv4Address, port: int):
         kind = proxy.settings.transparent_kind(port)
@@ -126,7 +155,7 @@ async def _start_http_proxy(config: Config, switch: Switch, nursery: trio.Nurser
 
         return transparent
 
-    switch.tcp_nat.intercept = intercept
+    tcp_nat.intercept = intercept
     return proxy
 
 
@@ -158,19 +187,27 @@ async def open_switch(config: Config | None = None, *, host: HostNetwork | None 
             supervisor = Supervisor(nursery)
             switch = Switch(config, nursery, supervisor)
             gateway = Gateway(config, switch, trio.current_time, supervisor)
-            switch.on_detach(gateway.forget_port)
             # The one way out for every guest flow and proxy connection.
             gate = HostGate(config, switch.policy, host)
-            switch.tcp_nat = TcpNat(config, gateway, nursery, supervisor, gate=gate)
-            switch.udp_nat = UdpNat(config, gateway, nursery, supervisor, gate=gate)
-            switch.icmp_nat = IcmpNat(config, gateway, nursery, supervisor, gate=gate)
-            switch.forwarder = PortForwarder(switch, nursery, supervisor)
-            switch.dns = _start_dns(config, switch, supervisor)
-            switch.sntp = _start_sntp(switch)
+            tcp_nat = TcpNat(config, gateway, nursery, supervisor, gate=gate)
+            udp_nat = UdpNat(config, gateway, nursery, supervisor, gate=gate)
+            icmp_nat = IcmpNat(config, gateway, nursery, supervisor, gate=gate)
+            _wire(switch, gateway, tcp_nat, udp_nat, icmp_nat)
+            forwarder = PortForwarder(config, gateway, tcp_nat, udp_nat, nursery, supervisor)
+            dns = _start_dns(config, gateway, tcp_nat, switch.policy, supervisor)
+            sntp = _start_sntp(gateway)
+            files = None
             if config.shares:
-                _start_9p(config, switch)
+                files = FileService(config)
+                tcp_nat.register_service(NINEP_PORT, files.serve)
+            http_proxy = None
             if config.http_proxy_port:
-                switch.http_proxy = await _start_http_proxy(config, switch, nursery, gate)
+                http_proxy = await _start_http_proxy(config, gateway, tcp_nat, nursery, gate)
+            # The run-time handles (README "As a library"; the control API reads them):
+            # set here, once, from what this function built.
+            switch.tcp_nat, switch.udp_nat, switch.icmp_nat = tcp_nat, udp_nat, icmp_nat
+            switch.forwarder, switch.dns, switch.sntp = forwarder, dns, sntp
+            switch.files, switch.http_proxy = files, http_proxy
             if config.state_file:
                 _keep_lease_state(config, gateway, nursery)
             try:

@@ -134,17 +134,21 @@ class Switch:
         self.frames_out = 0
         self.macs_relearned = 0
         self.drops: collections.Counter[str] = collections.Counter()
+        #: The gateway endpoint frames to its MAC go to (wired by ``open_switch``).
         self.gateway: Gateway | None = None
-        # Set by open_switch: the NAT handlers (netkit.nat.tcp/udp/icmp).
-        self.tcp_nat = None
-        self.udp_nat = None
-        self.icmp_nat = None
+        # The run-time handles ``open_switch`` built, set by it once (read by the API and
+        # library users; no component finds another through these).
+        self.tcp_nat = None  # netkit.nat.tcp.TcpNat
+        self.udp_nat = None  # netkit.nat.udp.UdpNat
+        self.icmp_nat = None  # netkit.nat.icmp.IcmpNat
         self.forwarder = None  # netkit.forward.PortForwarder
         self.dns = None  # netkit.dns.server.DnsService
         self.sntp = None  # netkit.ntp.SntpServer
+        self.files = None  # netkit.runtime.FileService (9P), when shares are configured
         self.http_proxy = None  # netkit.http_proxy.HttpProxy
         self._detach_hooks: list[Callable[[Port], None]] = []
         self._mac_replaced_hooks: list[Callable[[Port, bytes], None]] = []
+        self._unbound_hooks: list[Callable[[bytes], None]] = []
         self._batch_hooks: list[Callable[[], None]] = []
         self._capture = None
         #: Which destinations guests may reach (netkit.policy); install ``policy.hook`` to decide in Python.
@@ -177,6 +181,13 @@ class Switch:
         """Call ``hook(port, old_mac)`` when a new MAC on ``port`` displaces ``old_mac``
         (the gateway releases ``old_mac``'s lease there: one port, one identity)."""
         self._mac_replaced_hooks.append(hook)
+
+    def on_address_unbound(self, hook: Callable[[bytes], None]) -> None:
+        """Call ``hook(ip)`` when an address (packed) stops belonging to the MAC that held
+        it (lease released or expired, MAC replaced, address moved to another MAC): flows
+        opened under that identity are stale and are torn down there, so they can never
+        be taken over, or block, whoever holds the address next."""
+        self._unbound_hooks.append(hook)
 
     def on_batch_done(self, hook: Callable[[], None]) -> None:
         """Call ``hook()`` after each batch of frames from a link has been input, so
@@ -229,17 +240,27 @@ class Switch:
         may then send only DHCP from 0.0.0.0). One address has one MAC: binding it to
         ``mac`` unbinds whichever MAC held it before."""
         mac = bytes(mac)
+        ip = None if ip is None else bytes(ip)
         old_ip = self._ip_bindings.pop(mac, None)
         if old_ip is not None and self._ip_owners.get(old_ip) == mac:
             del self._ip_owners[old_ip]
+        if old_ip is not None and old_ip != ip:
+            self._address_unbound(old_ip)
         if ip is None:
             return
-        ip = bytes(ip)
         previous = self._ip_owners.get(ip)
         if previous is not None and previous != mac:
             self._ip_bindings.pop(previous, None)
+            self._address_unbound(ip)
         self._ip_bindings[mac] = ip
         self._ip_owners[ip] = mac
+
+    def _address_unbound(self, ip: bytes) -> None:
+        for hook in self._unbound_hooks:
+            try:
+                hook(ip)
+            except Exception as e:  # a hook's bug must not wedge the switch
+                self.supervisor.failed("address-unbound", e)
 
     def bound_ip(self, mac: bytes) -> bytes | None:
         """The address bound to ``mac`` (packed), or None."""

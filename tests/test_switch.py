@@ -142,7 +142,7 @@ class _NoNursery:
 def _bare_switch():
     config = Config()
     switch = Switch(config, _NoNursery())
-    Gateway(config, switch, lambda: 1000.0)
+    switch.gateway = Gateway(config, switch, lambda: 1000.0)
     switch.gateway.reserve(GUEST_MAC, IPv4Address("192.168.65.42"))  # the address the frames come from
     victim = Port(1, RecordingLink(), switch=switch)
     other = Port(2, RecordingLink(), switch=switch)

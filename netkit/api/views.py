@@ -97,6 +97,8 @@ def stats_view(switch, api_stats: dict | None = None) -> dict:
         "forwards": len(forwarder.forwards()) if forwarder is not None else 0,
         "dns": dns,
         "http_proxy": _stats_of(proxy) if proxy is not None else None,
+        # 9P file service (None without shares): messages, errors and privilege refusals.
+        "files": _stats_of(switch.files) if switch.files is not None else None,
         "dhcp": dict(gateway.get("dhcp") or {}),
         "gateway": {"frames_in": gateway.get("frames_in", 0), "counters": dict(gateway.get("counters") or {}),
                     "reassembly": dict(gateway.get("reassembly") or {})},
@@ -302,6 +304,12 @@ def render_metrics(switch, api_stats: dict | None = None) -> str:
             if kind in ("requests", "active_connections"):
                 continue
             m.add("netkit_http_proxy_events_total", "counter", "", count, kind=kind)
+
+    if switch.files is not None:
+        m.family("netkit_files_events_total", "counter",
+                 "9P file service messages, errors and refusals (setid_stripped, privilege_refused...).")
+        for kind, count in _numeric_items(_stats_of(switch.files)):
+            m.add("netkit_files_events_total", "counter", "", count, kind=kind)
 
     m.add("netkit_capture_active", "gauge", "1 while a live pcap capture is running.",
           1 if switch.capturing else 0)

@@ -89,8 +89,6 @@ class IcmpNat:
         self.flows: IdleFlowTable[tuple[bytes, int], EchoFlow] = IdleFlowTable(
             max_flows=config.icmp_max_flows, idle_timeout=config.icmp_idle_timeout, release=self._release,
             counters=self.counters, max_flows_per_owner=config.icmp_max_flows_per_guest, owner=_flow_port)
-        gateway.nat[PROTO_ICMP] = self.input
-        gateway.switch.on_detach(self._port_detached)
         nursery.start_soon(self.flows.run, name="icmp-expiry")
 
     # ----- guest -> host -----
@@ -292,8 +290,13 @@ class IcmpNat:
             trio.lowlevel.notify_closing(flow.sock)
             flow.sock.close()
 
-    def _port_detached(self, port: "Port") -> None:
+    def port_detached(self, port: "Port") -> None:
         self.flows.remove_owner(port)
+
+    def address_unbound(self, ip: bytes) -> None:
+        """``ip`` no longer belongs to the guest that opened flows from it: release them
+        (rare: a lease ended or moved), so the next holder starts clean."""
+        self.flows.remove_if(lambda flow: flow.guest_ip == ip)
 
     def close(self) -> None:
         self.flows.clear()

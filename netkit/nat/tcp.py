@@ -168,10 +168,6 @@ class TcpNat:
         #: ``intercept(destination, port)`` -> a service handler that takes this guest
         #: connection instead of plain NAT (the transparent HTTP proxy), or None.
         self.intercept = None
-        gateway.nat[PROTO_TCP] = self.input
-        gateway.unclaimed[PROTO_TCP] = self.input
-        gateway.switch.on_batch_done(self.flush)
-        gateway.switch.on_detach(self._port_detached)
         nursery.start_soon(self._timers.run, self._fire_timer, name="tcp-timers")
         nursery.start_soon(self._half_closed.run, self._half_close_expired, name="tcp-half-close")
 
@@ -611,7 +607,7 @@ class TcpNat:
             sock.close()
         self._count("connections-closed")
 
-    def _port_detached(self, port: "Port") -> None:
+    def port_detached(self, port: "Port") -> None:
         """The guest's link is gone: reset the host side of every flow it owned, and give
         the memory its buffers held back to the OS."""
         closed = 0
@@ -624,6 +620,17 @@ class TcpNat:
         self.budget.forget(port)
         if closed:
             return_freed_memory()
+
+    def address_unbound(self, ip: bytes) -> None:
+        """``ip`` no longer belongs to the guest that opened these connections (its lease
+        ended or moved): reset them, so the next holder of the address neither inherits
+        nor collides with them. Rare, so a scan is fine."""
+        for flow in [flow for flow in self.flows() if flow.guest_ip == ip]:
+            self._count("connections-reset-address-unbound")
+            self._abort_host(flow)
+            flow.conn.abort(trio.current_time())
+            self._transmit(flow)
+            self._close_flow(flow)
 
     def close(self) -> None:
         """Close every flow's host socket (the switch is shutting down)."""

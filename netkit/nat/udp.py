@@ -110,9 +110,6 @@ class UdpNat:
         #: (virtual IP, port) -> ``handler(ip, udp)`` for datagrams that answer a port
         #: forward rather than open a flow of their own (see netkit.forward).
         self.reverse: dict[tuple[bytes, int], object] = {}
-        gateway.nat[PROTO_UDP] = self.input
-        gateway.unclaimed[PROTO_UDP] = self.port_unreachable
-        gateway.switch.on_detach(self._port_detached)
         nursery.start_soon(self.flows.run, name="udp-expiry")
 
     # ----- guest -> host -----
@@ -250,8 +247,13 @@ class UdpNat:
         trio.lowlevel.notify_closing(flow.sock)
         flow.sock.close()
 
-    def _port_detached(self, port: "Port") -> None:
+    def port_detached(self, port: "Port") -> None:
         self.flows.remove_owner(port)
+
+    def address_unbound(self, ip: bytes) -> None:
+        """``ip`` no longer belongs to the guest that opened flows from it: release them
+        (rare: a lease ended or moved), so the next holder starts clean."""
+        self.flows.remove_if(lambda flow: flow.guest_ip == ip)
 
     def close(self) -> None:
         self.flows.clear()

@@ -30,7 +30,7 @@ import trio
 
 from netkit import Config
 from netkit.config import Share
-from netkit.files import Client9P, RemoteError, serve_9p
+from netkit.files import Client9P, RemoteError
 from netkit.runtime import NINEP_PORT
 from netkit.testing.privileged import privileged_required
 
@@ -86,18 +86,8 @@ def netkit_config(dirs) -> Config:
 
 @pytest.fixture
 async def ninep_stats(netkit_switch) -> Counter:
-    """The gateway's 9P service as open_switch wires it, with its counters kept where
-    the test can read them (open_switch does not publish them yet)."""
-    stats: Counter = Counter()
-    config = netkit_switch.config
-    shares = config.shares_by_name()
-
-    async def serve(stream, client) -> None:
-        await serve_9p(stream, shares, msize_max=config.files_msize_max, max_fids=config.files_max_fids,
-                       max_outstanding=config.files_max_outstanding, stats=stats)
-
-    netkit_switch.tcp_nat.register_service(NINEP_PORT, serve)
-    return stats
+    """The counters of the gateway's 9P service (also in ``netkit stats`` and /metrics)."""
+    return netkit_switch.files.stats
 
 
 @pytest.fixture

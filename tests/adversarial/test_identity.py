@@ -217,7 +217,7 @@ async def test_made_up_and_stolen_source_ips_are_dropped_before_nat(netkit_switc
                        and drops["spoofed-ip-guest"] == 2)
         assert drops["spoofed-ip-gateway"] == 8
         tcp_nat = netkit_switch.tcp_nat
-        assert tcp_nat.flow_count == 0 and not tcp_nat.per_guest
+        assert tcp_nat.flow_count == 0 and not any(acct.flows for acct in tcp_nat.budget.accounts.values())
         assert recording_host.tcp_connects == [] and recording_host.udp_sockets == 0
         # The victim's own connections are untouched, under its own per-guest count.
         stream = await victim.open_tcp_stream(HOST_ALIAS, port)
