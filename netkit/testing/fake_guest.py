@@ -24,7 +24,7 @@ from ..wire.ethernet import BROADCAST_MAC, ETHERTYPE_ARP, ETHERTYPE_IPV4, ethern
 from ..wire.icmpv4 import ECHO_REPLY, ECHO_REQUEST
 from ..wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP
 
-__all__ = ["FakeGuest", "DhcpResult", "random_mac"]
+__all__ = ["FakeGuest", "DhcpResult", "random_mac", "attach_fake_guest"]
 
 _ZERO_IP = b"\0\0\0\0"
 
@@ -273,3 +273,19 @@ class FakeGuest:
             finally:
                 self._waiters.remove(entry)
         return rtts
+
+
+async def attach_fake_guest(switch, nursery: trio.Nursery, *, lease: bool = True, mac: bytes | None = None,
+                            wrap=None, guest_class: type[FakeGuest] = FakeGuest) -> FakeGuest:
+    """Plug a new fake guest into ``switch`` over an in-memory link, run it in
+    ``nursery`` and (by default) lease it an address by DHCP. ``wrap(link)`` may wrap
+    the switch's end in link middleware (fault injection, capture)."""
+    from ..links.memory import memory_link_pair
+
+    guest_end, switch_end = memory_link_pair(mtu=switch.config.mtu)
+    switch.attach(wrap(switch_end) if wrap is not None else switch_end)
+    guest = guest_class(guest_end, mac)
+    await nursery.start(guest.run)
+    if lease:
+        await guest.dhcp()
+    return guest

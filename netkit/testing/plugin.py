@@ -35,19 +35,10 @@ async def netkit_switch(netkit_config):
 
 @pytest.fixture
 async def fake_guest_factory(netkit_switch, nursery):
-    from ..links.memory import memory_link_pair
-    from .fake_guest import FakeGuest
+    from .fake_guest import FakeGuest, attach_fake_guest
 
     async def make(*, lease: bool = True, mac: bytes | None = None, wrap=None) -> FakeGuest:
-        guest_end, switch_end = memory_link_pair(mtu=netkit_switch.config.mtu)
-        if wrap is not None:
-            switch_end = wrap(switch_end)
-        netkit_switch.attach(switch_end)
-        guest = FakeGuest(guest_end, mac)
-        await nursery.start(guest.run)
-        if lease:
-            await guest.dhcp()
-        return guest
+        return await attach_fake_guest(netkit_switch, nursery, lease=lease, mac=mac, wrap=wrap)
 
     yield make
 

@@ -19,9 +19,8 @@ import dataclasses
 import pytest
 
 from netkit import Config
-from netkit.links.memory import memory_link_pair
 from netkit.links.qemu import QemuListener, qemu_connect
-from netkit.testing.fake_guest import FakeGuest
+from netkit.testing.fake_guest import FakeGuest, attach_fake_guest
 
 #: Destinations an attack may make netkit reach: the host alias and host loopback only.
 LOOPBACK_ONLY = ("192.168.65.2/32", "127.0.0.0/8")
@@ -49,10 +48,8 @@ async def hostile_factory(netkit_switch, nursery, tmp_path):
 
     async def make(*, via: str = "memory", mac: bytes | None = None, lease: bool = False) -> HostileGuest:
         if via == "memory":
-            guest_end, switch_end = memory_link_pair(mtu=netkit_switch.config.mtu)
-            netkit_switch.attach(switch_end)
-            link = guest_end
-        elif via == "qemu":
+            return await attach_fake_guest(netkit_switch, nursery, lease=lease, mac=mac, guest_class=HostileGuest)
+        if via == "qemu":
             if not qemu_path:
                 qemu_path.append(str(tmp_path / "qemu.sock"))
                 await netkit_switch.listen(QemuListener(qemu_path[0]))

@@ -24,7 +24,7 @@ import trio
 from netkit import Config, open_switch
 from netkit.links.memory import memory_link_pair
 from netkit.nat.host import HostNetwork
-from netkit.testing.fake_guest import FakeGuest
+from netkit.testing.fake_guest import FakeGuest, attach_fake_guest
 
 from .conftest import LOOPBACK_ONLY
 from .flowhelpers import (GATEWAY, HOST_ALIAS, Streamer, UdpEcho, is_echo_reply, send_ping, send_udp, udp_roundtrip,
@@ -156,23 +156,9 @@ async def _switch_with_guests(config: Config, host: HostNetwork | None, n_guests
         async with trio.open_nursery() as nursery:
             guests = []
             for _ in range(n_guests):
-                guest_end, switch_end = memory_link_pair(mtu=switch.config.mtu)
-                switch.attach(switch_end)
-                guest = FakeGuest(guest_end)
-                await nursery.start(guest.run)
-                await guest.dhcp()
-                guests.append(guest)
+                guests.append(await attach_fake_guest(switch, nursery))
             yield switch, guests, nursery
             nursery.cancel_scope.cancel()
-
-
-async def _attach_guest(switch, nursery) -> FakeGuest:
-    guest_end, switch_end = memory_link_pair(mtu=switch.config.mtu)
-    switch.attach(switch_end)
-    guest = FakeGuest(guest_end)
-    await nursery.start(guest.run)
-    await guest.dhcp()
-    return guest
 
 
 async def test_icmp_flow_released_while_its_reader_is_scheduled(netkit_config):
@@ -182,7 +168,7 @@ async def test_icmp_flow_released_while_its_reader_is_scheduled(netkit_config):
             gw = switch.config.gateway_mac
             ports = len(switch.ports())
             for n in range(ROUNDS):
-                attacker = await _attach_guest(switch, nursery)
+                attacker = await attach_fake_guest(switch, nursery)
                 send_ping(attacker, gw, HOST_ALIAS, ident=7)
                 await attacker.wait_frame(lambda f: is_echo_reply(f, 7))  # replies stream in now
                 await attacker.link.aclose()
@@ -502,7 +488,7 @@ async def test_flow_errors_in_stats_and_metrics(tmp_path):
 async def test_a_failing_guest_link_ends_that_port_only(tmp_path):
     """A per-guest task (the port's reader) that raises detaches that port alone."""
     async with _broken_world(tmp_path) as (switch, _host, _attacker, victim, echo, nursery):
-        broken = await _attach_guest(switch, nursery)
+        broken = await attach_fake_guest(switch, nursery)
         port = switch.port_for_mac(broken.mac)
         link = port.link
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -33,7 +32,6 @@ from netkit.nat.host import HostNetwork
 from netkit.netns import Netns, udhcpc, unique_name
 from netkit.testing import FakeGuest, require_privileged, require_tool
 from netkit.testing.fake_guest import random_mac
-from netkit.testing.netns_guest import open_netns_guest
 
 GATEWAY = "192.168.65.1"
 HOST_ALIAS = "192.168.65.2"

@@ -23,10 +23,9 @@ import trio
 
 import netkit
 from netkit.http_proxy import ProxySettings
-from netkit.links.memory import memory_link_pair
 from netkit.nat.host import HostNetwork
 from netkit.policy import FlowRequest
-from netkit.testing.fake_guest import FakeGuest
+from netkit.testing.fake_guest import FakeGuest, attach_fake_guest
 
 from .conftest import LOOPBACK_ONLY
 
@@ -121,15 +120,6 @@ def transparent(switch) -> None:
     switch.http_proxy.reconfigure(switch.http_proxy.settings.replace(allow=("*",)))
 
 
-async def attach_guest(switch, nursery) -> FakeGuest:
-    guest_end, switch_end = memory_link_pair(mtu=switch.config.mtu)
-    switch.attach(switch_end)
-    guest = FakeGuest(guest_end)
-    await nursery.start(guest.run)
-    await guest.dhcp()
-    return guest
-
-
 async def exchange(guest: FakeGuest, data: bytes, *, to: tuple[str, int] = (GATEWAY, PROXY_PORT),
                    timeout: float = 10) -> bytes:
     """Send ``data`` from the guest and read until the other side closes."""
@@ -161,7 +151,7 @@ def status(response: bytes) -> int:
 
 # ----------------------------------------------------------------------------- attack 4
 async def test_denied_destination_is_refused_on_every_proxy_path(gated, origin, nursery):
-    guest = await attach_guest(gated, nursery)
+    guest = await attach_fake_guest(gated, nursery)
     port = origin.port
     # Direct: RST, as before.
     with pytest.raises(ConnectionRefusedError):
@@ -201,7 +191,7 @@ async def test_metadata_address_is_refused_without_a_connect(nursery):
     host = RecordingHost({"meta.test": [METADATA], "decimal.test": [METADATA]})
     config = netkit.Config(dns_upstreams=("127.0.0.1:9",))
     async with netkit.open_switch(config, host=host) as switch:
-        guest = await attach_guest(switch, nursery)
+        guest = await attach_fake_guest(switch, nursery)
         requests = [get(f"http://{METADATA}/latest/meta-data/"), get("http://meta.test/"),
                     get(f"http://[::ffff:{METADATA}]/"), connect(f"{METADATA}:443"), connect("meta.test:80")]
         for request in requests:
@@ -217,7 +207,7 @@ async def test_metadata_address_is_refused_without_a_connect(nursery):
 
 
 async def test_name_resolving_to_a_denied_address_is_refused(gated, nursery):
-    guest = await attach_guest(gated, nursery)
+    guest = await attach_fake_guest(gated, nursery)
     host = gated.recording_host
     for name in ("rebind.test", "corp.test", "mixed.test"):
         response = await exchange(guest, get(f"http://{name}:8080/"))
@@ -233,7 +223,7 @@ async def test_policy_hook_sees_proxy_flows_with_the_guest(gated, nursery):
     await nursery.start(other.serve)
     seen: list[FlowRequest] = []
     gated.policy.hook = lambda request: seen.append(request) or None
-    guest = await attach_guest(gated, nursery)
+    guest = await attach_fake_guest(gated, nursery)
     guest_ip = IPv4Address(guest.ip)
     transparent(gated)
     assert status(await exchange(guest, get(f"http://ok.test:{other.port}/"))) == 200
@@ -256,7 +246,7 @@ async def test_upstream_proxy_is_not_contacted_for_a_denied_origin(gated, nurser
     await nursery.start(upstream.serve)
     url = f"http://127.0.0.1:{upstream.port}"
     gated.http_proxy.reconfigure(ProxySettings(http=url, https=url))
-    guest = await attach_guest(gated, nursery)
+    guest = await attach_fake_guest(gated, nursery)
     refused = [get(f"http://{METADATA}/"), get("http://rebind.test/"), get("http://corp.test/"),
                connect(f"{METADATA}:443"),
                # Does not resolve on the host: with an allow list in force, refused.
@@ -278,7 +268,7 @@ async def test_no_host_loopback_holds_for_loopback_addresses(origin, nursery):
     host = RecordingHost({"ok.test": ["127.0.0.1"]})
     config = netkit.Config(dns_upstreams=("127.0.0.1:9",), allow=LOOPBACK_ONLY, host_loopback=False)
     async with netkit.open_switch(config, host=host) as switch:
-        guest = await attach_guest(switch, nursery)
+        guest = await attach_fake_guest(switch, nursery)
         for address in (HOST_ALIAS, "127.0.0.1", "0.0.0.0"):
             with pytest.raises(ConnectionRefusedError):
                 await guest.open_tcp_stream(address, origin.port)
@@ -329,8 +319,8 @@ async def test_trickling_guest_cannot_starve_the_proxy(nursery):
                            http_proxy_max_connections=share + 2, http_proxy_max_connections_per_guest=share,
                            http_proxy_header_timeout=deadline)
     async with netkit.open_switch(config, host=host) as switch:
-        attacker = await attach_guest(switch, nursery)
-        victim = await attach_guest(switch, nursery)
+        attacker = await attach_fake_guest(switch, nursery)
+        victim = await attach_fake_guest(switch, nursery)
         stats = switch.http_proxy.statistics
         results: list = []
         start = trio.current_time()

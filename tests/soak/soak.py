@@ -258,8 +258,7 @@ print("sent=%d rate=%d" % (sent, sent / (time.monotonic() - start)))
 async def part_memory(n: int, guest_mb: int | None, attacks: list[str], segments: int) -> list[dict]:
     """Attack 5 of issue 12 at full size, default budgets (or ``guest_mb``)."""
     from adversarial.memory_attack import RawTcpAttacker, rss_bytes, start_server, wait_until
-    from netkit.links.memory import memory_link_pair
-    from netkit.testing.fake_guest import FakeGuest
+    from netkit.testing.fake_guest import FakeGuest, attach_fake_guest
 
     budget = {}
     if guest_mb is not None:
@@ -270,12 +269,7 @@ async def part_memory(n: int, guest_mb: int | None, attacks: list[str], segments
         async with netkit.open_switch(config(allow=("192.168.65.2/32", "127.0.0.1/8"), **budget)) as switch:
             async with trio.open_nursery() as nursery:
                 async def guest() -> FakeGuest:
-                    guest_end, switch_end = memory_link_pair(mtu=switch.config.mtu)
-                    switch.attach(switch_end)
-                    g = FakeGuest(guest_end)
-                    await nursery.start(g.run)
-                    await g.dhcp()
-                    return g
+                    return await attach_fake_guest(switch, nursery)
 
                 victim = await guest()
                 nat = switch.tcp_nat
