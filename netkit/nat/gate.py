@@ -193,7 +193,12 @@ class HostGate:
         out = []
         for address in addresses:
             view = self._guest_view(address, host)
-            out.append((view, LOOPBACK if is_host_local(address) else address))
+            # As for a literal: the same translation NAT applies (the virtual subnet,
+            # the gateway and the like are never host destinations).
+            real = translate_destination(config, view)
+            if real is None:
+                raise Refused("unreachable", f"{host} ({address}) is not reachable from the proxy")
+            out.append((view, real))
         return out
 
     def _guest_view(self, address: IPv4Address, host: str) -> IPv4Address:

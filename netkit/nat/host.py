@@ -37,14 +37,16 @@ def translate_destination(config: Config, dst: IPv4Address) -> IPv4Address | Non
     maps its virtual IPs, the gateway itself is not a NAT destination, and every other
     address is itself -- except loopback and 0.0.0.0/8, which from a guest never mean
     the host (a guest reaches the host only as the host alias, so ``--no-host-loopback``
-    and rules on the alias cannot be side-stepped by addressing 127.0.0.1).
+    and rules on the alias cannot be side-stepped by addressing 127.0.0.1), and the
+    rest of the virtual subnet, which is the guests' and never the host's network (the
+    gateway answers frames to it with ICMP host unreachable; the proxy refuses it).
     """
     if dst == config.host_ip:
         return LOOPBACK if config.host_loopback else None
     for virtual, real in config.nat:
         if dst == virtual:
             return real
-    if dst == config.gateway_ip or is_host_local(dst):
+    if dst == config.gateway_ip or is_host_local(dst) or dst in config.subnet:
         return None
     return dst
 

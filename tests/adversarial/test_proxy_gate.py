@@ -206,6 +206,21 @@ async def test_metadata_address_is_refused_without_a_connect(nursery):
         assert switch.policy.counters["transparent-proxy-denied"] == 1
 
 
+async def test_virtual_subnet_is_never_reached_through_the_proxy(nursery):
+    """Attack 7 through the proxy: an unassigned address of the virtual subnet (or a name
+    resolving to one) is the guests' network, never the host's: no policy in force here,
+    and still no connect."""
+    unassigned = "192.168.65.71"
+    host = RecordingHost({"lan.test": [unassigned]})
+    config = netkit.Config(dns_upstreams=("127.0.0.1:9",))
+    async with netkit.open_switch(config, host=host) as switch:
+        guest = await attach_fake_guest(switch, nursery)
+        for request in (get(f"http://{unassigned}/"), get("http://lan.test/"), connect(f"{unassigned}:22")):
+            response = await exchange(guest, request)
+            assert 400 <= status(response) < 600, (request, response)
+        assert host.connects == []
+
+
 async def test_name_resolving_to_a_denied_address_is_refused(gated, nursery):
     guest = await attach_fake_guest(gated, nursery)
     host = gated.recording_host
