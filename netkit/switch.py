@@ -60,6 +60,17 @@ _UNSPECIFIED_IP = b"\0\0\0\0"
 _ARP_ETH_IPV4 = b"\x00\x01\x08\x00\x06\x04"
 _ARP_OP_REQUEST = b"\x00\x01"
 _UDP = 17
+#: IPv6 extension headers a guest's frame may carry before its upper-layer header
+#: (hop-by-hop, routing, destination options; the fragment header is handled apart).
+_IPV6_EXTENSIONS = frozenset((0, 43, 60))
+_IPV6_FRAGMENT = 44
+_ICMPV6 = 58
+#: The most extension headers walked before a frame is refused (RFC 7112: the whole
+#: header chain must come first; no guest needs a long one).
+_IPV6_MAX_EXTENSIONS = 8
+#: ICMPv6 messages only a router sends: Router Advertisement and Redirect.
+_ICMPV6_ROUTER_ONLY = {134: "rogue-router-advert", 137: "rogue-redirect"}
+_DHCPV6_SERVER_PORT = 547
 _DHCP_SERVER_PORT = b"\x00\x43"
 _DHCP_CLIENT_TO_SERVER = b"\x00\x44\x00\x43"
 
@@ -301,7 +312,10 @@ class Switch:
         elif ethertype == _ETH_ARP:
             if not self._arp_allowed(src, frame):
                 return
-        elif ethertype != _ETH_IPV6:
+        elif ethertype == _ETH_IPV6:
+            if not self._ipv6_allowed(frame):
+                return
+        else:
             self.drops["ethertype"] += 1
             return
         dst = frame[0:6]
@@ -397,6 +411,52 @@ class Switch:
             return True  # a probe (RFC 5227): asks, claims nothing
         self.drops[self._claim("spoofed-arp", src, sip)] += 1
         return False
+
+    def _ipv6_allowed(self, frame) -> bool:
+        """Guests are hosts, never routers (RFC 6105's RA guard): IPv6 between guests is
+        switched, but a Router Advertisement or Redirect (which would make the sender
+        another guest's router and DNS server, RDNSS) and a DHCPv6 server's reply are
+        dropped and counted, wherever they hide behind extension headers. A chain that
+        cannot be read to its upper-layer header in this frame (truncated, too long, or
+        a first fragment without it: the RA-guard evasion of RFC 7113) is dropped too."""
+        if len(frame) < 54 or frame[14] >> 4 != 6:
+            self.drops["malformed-ipv6"] += 1
+            return False
+        header = frame[20]
+        offset = 54
+        for _ in range(_IPV6_MAX_EXTENSIONS):
+            if header in _IPV6_EXTENSIONS:
+                if len(frame) < offset + 2:
+                    break
+                header, offset = frame[offset], offset + (frame[offset + 1] + 1) * 8
+            elif header == _IPV6_FRAGMENT:
+                if len(frame) < offset + 8:
+                    break
+                if (frame[offset + 2] << 8 | frame[offset + 3]) & 0xFFF8:
+                    return True  # a later fragment: useless without its first, checked here
+                header, offset = frame[offset], offset + 8
+            else:
+                return self._ipv6_upper_layer_allowed(header, frame, offset)
+        self.drops["malformed-ipv6"] += 1
+        return False
+
+    def _ipv6_upper_layer_allowed(self, header: int, frame, offset: int) -> bool:
+        if header == _ICMPV6:
+            if len(frame) < offset + 1:
+                self.drops["malformed-ipv6"] += 1
+                return False
+            reason = _ICMPV6_ROUTER_ONLY.get(frame[offset])
+            if reason is not None:
+                self.drops[reason] += 1
+                return False
+        elif header == _UDP:
+            if len(frame) < offset + 2:
+                self.drops["malformed-ipv6"] += 1
+                return False
+            if frame[offset] << 8 | frame[offset + 1] == _DHCPV6_SERVER_PORT:
+                self.drops["rogue-dhcpv6-server"] += 1
+                return False
+        return True
 
     def _claim(self, kind: str, src: bytes, sip: bytes) -> str:
         """The drop reason for ``src`` claiming address ``sip`` it is not bound to."""
