@@ -498,37 +498,28 @@ def _coerce(name: str, value: Any) -> Any:
             return tuple(str(v) for v in value)
         if name == "dns_hosts_file":
             return str(value) if value else None
-        if name in ("dns_retries", "dns_max_in_flight", "dns_cache_entries", "dns_cache_max_ttl",
-                    "dns_negative_cache_max_ttl", "dns_tcp_pipeline"):
-            return int(value)
-        if name in ("dns_timeout", "dns_tcp_idle_timeout"):
-            return float(value)
         if name == "shares":
             return _coerce_shares(value)
-        if name in ("files_msize_max", "files_max_fids", "files_max_outstanding"):
-            return int(value)
         if name == "static_leases":
             out = []
             for item in value:
                 mac = parse_mac(item["mac"]) if "mac" in item else None
                 out.append(StaticLease(ip=_ip("static_leases", item["ip"]), mac=mac, uuid=item.get("uuid")))
             return tuple(out)
-        if name in ("http_proxy_port", "mtu", "lease_seconds", "max_ports", "decline_max_per_port", "max_macs_per_port", "link_send_queue_bytes",
-                    "max_connections", "max_connections_per_guest", "udp_max_flows", "icmp_max_flows",
-                    "udp_max_flows_per_guest", "icmp_max_flows_per_guest", "reassembly_max_bytes", "reassembly_guest_bytes", "http_proxy_max_connections", "http_proxy_max_connections_per_guest",
-                    "http_proxy_max_lookups_per_guest", "guest_buffer_bytes", "total_buffer_bytes"):
-            return int(value)
-        if name in ("tcp_connect_timeout", "tcp_half_close_timeout", "offer_seconds", "decline_seconds",
-                    "decline_max_pool_fraction", "udp_idle_timeout", "http_proxy_header_timeout",
-                    "icmp_idle_timeout", "reassembly_timeout"):
-            return float(value)
-        if name in ("host_loopback",):
-            return bool(value)
-        return value
+        # Every plain number and flag: by the type the field declares, so a new limit
+        # needs no entry here.
+        scalar = _SCALAR_FIELDS.get(name)
+        return scalar(value) if scalar is not None else value
     except (KeyError, TypeError, ValueError) as e:
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"{name}: invalid value {value!r}") from None
+
+
+#: Config fields holding an int, a float or a bool -> that type (annotations are strings
+#: under ``from __future__ import annotations``).
+_SCALAR_FIELDS = {f.name: {"int": int, "float": float, "bool": bool}[f.type]
+                  for f in dataclasses.fields(Config) if f.type in ("int", "float", "bool")}
 
 
 def _coerce_shares(value: Any) -> tuple[Share, ...]:
