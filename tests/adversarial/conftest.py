@@ -14,8 +14,6 @@ Fixtures:
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
 from netkit import Config
@@ -68,7 +66,3 @@ async def hostile_factory(netkit_switch, nursery, tmp_path):
 @pytest.fixture
 async def victim_factory(fake_guest_factory):
     return fake_guest_factory
-
-
-def replace_config(config: Config, **changes) -> Config:
-    return dataclasses.replace(config, **changes)
