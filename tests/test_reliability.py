@@ -14,7 +14,6 @@ import trio
 import trio.testing
 
 import netkit
-from netkit.links.memory import memory_link_pair
 from netkit.links.qemu import QemuListener, qemu_connect
 from netkit.links.vpnkit import VpnkitListener, vpnkit_connect
 from netkit.testing import FakeGuest, require_privileged, require_tool
@@ -184,9 +183,10 @@ async def test_hostile_frames_into_every_nat_path(fake_guest, netkit_switch):
         fake_guest.send_frame(_mutations(rng, base) if i % 3 else base)
         if i % 200 == 0:
             await trio.sleep(0)  # let the switch drain the link now and then
-    # The switch has taken every frame in, and what they started has settled.
+    # The switch has taken every frame in (each is handled synchronously on input, so
+    # its handler errors are counted by then); the flows they started may keep
+    # retransmitting to a guest that never answers, so "settled" is not waited for.
     await wait_until(lambda: netkit_switch.frames_in >= frames_before + 6000)
-    with trio.fail_after(5):
-        await trio.testing.wait_all_tasks_blocked(cushion=0.02)
     assert netkit_switch.gateway.drops["handler-error"] == 0
     assert await fake_guest.ping(config.gateway_ip)
+    assert netkit_switch.statistics()["flow-errors"] == 0
