@@ -231,3 +231,17 @@ async def test_gate_bounds_name_lookups_per_guest():
 async def _expect_refused_connect(gate, name):
     with pytest.raises(ConnectionRefusedError):
         await gate.open_proxy_stream(GUEST, name, 80)
+
+
+async def test_icmp_echo_asks_the_policy_once_per_flow_and_destination(fake_guest, netkit_switch):
+    """Like TCP and UDP, an echo flow asks the gate once per destination, not per request."""
+    asked = []
+
+    def hook(request):
+        if isinstance(request, FlowRequest) and request.protocol == "icmp":
+            asked.append(request.destination)
+        return None
+
+    netkit_switch.policy.hook = hook
+    assert len(await fake_guest.ping(HOST, count=5)) == 5
+    assert asked == [IPv4Address(HOST)]

@@ -59,6 +59,10 @@ class Refusal:
 DENIED = Refusal("denied")
 UNREACHABLE = Refusal("unreachable")
 
+#: Routes a connectionless flow (UDP, ICMP echo) remembers, one per destination; a flow
+#: spraying more destinations starts over (and is asked again), so memory stays bounded.
+MAX_ROUTES_PER_FLOW = 256
+
 
 class HostGate:
     """Translation + policy + host socket, for every path out (see the module doc)."""

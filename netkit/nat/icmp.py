@@ -31,7 +31,7 @@ from ..wire.icmpv4 import DEST_UNREACHABLE, ECHO_REPLY, ECHO_REQUEST, TIME_EXCEE
 from ..wire.ipv4 import PROTO_ICMP
 from .errqueue import error_frame_for_guest, read_errors
 from .flowtable import IdleFlowTable
-from .gate import DENIED, UNREACHABLE, HostGate
+from .gate import DENIED, MAX_ROUTES_PER_FLOW, UNREACHABLE, HostGate
 from .host import HostNetwork, translate_source
 
 if TYPE_CHECKING:
@@ -67,6 +67,9 @@ class EchoFlow:
     replies: int = 0
     closed: bool = False
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    #: Destination (packed, as the guest addressed it) -> the gate's Route or Refusal,
+    #: decided once per destination, not per echo request (bounded).
+    routes: dict = field(default_factory=dict)
 
 
 class IcmpNat:
@@ -100,7 +103,14 @@ class IcmpNat:
         if icmp.type != ECHO_REQUEST:
             self.counters["not-echo"] += 1
             return
-        route = self.gate.route("icmp", IPv4Address(ip.src), IPv4Address(ip.dst), 0, switch_port=port.id)
+        key = (ip.src, icmp.ident)
+        flow = self.flows.get(key)
+        if flow is not None and flow.port is not port:
+            self.counters["wrong-port"] += 1
+            return
+        route = flow.routes.get(ip.dst) if flow is not None else None
+        if route is None:
+            route = self.gate.route("icmp", IPv4Address(ip.src), IPv4Address(ip.dst), 0, switch_port=port.id)
         if route is UNREACHABLE:
             self.counters["no-destination"] += 1
             return
@@ -108,14 +118,15 @@ class IcmpNat:
             self.counters["policy-denied"] += 1
             port.send(icmp_frame(src_mac, self.gateway.mac, self.gateway.ip, ip.src, DEST_UNREACHABLE, UNREACH_ADMIN,
                                  b"\0\0\0\0", bytes(ip.buf[:ip.header_len + 8])))
+            if flow is not None:
+                self._remember(flow, ip.dst, route)
             return
         real = route.address
-        key = (ip.src, icmp.ident)
-        flow = self.flows.get(key)
         if flow is None:
             flow = self._open_flow(port, src_mac, ip.src, icmp.ident, now)
             if flow is None:
                 return
+        self._remember(flow, ip.dst, route)
         flow.last_active = now
         body = bytes(icmp.body)
         try:
@@ -137,6 +148,14 @@ class IcmpNat:
             return
         flow.requests += 1
         self.counters["echo-requests"] += 1
+
+    @staticmethod
+    def _remember(flow: EchoFlow, destination: bytes, route) -> None:
+        routes = flow.routes
+        if destination not in routes:
+            if len(routes) >= MAX_ROUTES_PER_FLOW:
+                routes.clear()
+            routes[destination] = route
 
     def _open_flow(self, port: "Port", src_mac: bytes, guest_ip: bytes, ident: int, now: float) -> EchoFlow | None:
         if self._mode is None:

@@ -280,7 +280,10 @@ class TcpNat:
         self._dirty = {}
         now = trio.current_time()
         for flow in dirty:
-            self._service(flow, now)
+            try:
+                self._service(flow, now)
+            except Exception as error:  # this flow fails alone; the batch goes on
+                self._flow_raised(flow, "tcp-flush", error)
 
     # ------------------------------------------------------------------ engine output
     def _service(self, flow: TcpFlow, now: float) -> None:
@@ -392,15 +395,21 @@ class TcpNat:
             self._half_closed.schedule(flow, quiet_until)
             return
         self._count("half-close-timeouts")
-        self._abort_host(flow)
-        flow.conn.abort(now)
-        self._service(flow, now)
+        try:
+            self._abort_host(flow)
+            flow.conn.abort(now)
+            self._service(flow, now)
+        except Exception as error:  # this flow fails alone; the timer task goes on
+            self._flow_raised(flow, "tcp-timer", error)
 
     def _fire_timer(self, flow: TcpFlow, now: float) -> None:
         if flow.closed:
             return
-        flow.conn.handle_timer(now)
-        self._service(flow, now)
+        try:
+            flow.conn.handle_timer(now)
+            self._service(flow, now)
+        except Exception as error:  # this flow fails alone; the timer task goes on
+            self._flow_raised(flow, "tcp-timer", error)
 
     # ------------------------------------------------------------------ local services
     async def _run_service(self, flow: TcpFlow, handler) -> None:
@@ -556,6 +565,15 @@ class TcpNat:
                 continue
             await trio.lowlevel.wait_writable(sock)
             self._service(flow, trio.current_time())
+
+    def _flow_raised(self, flow: TcpFlow, unit: str, error: Exception) -> None:
+        """Synchronous per-flow work (the batch flush, a timer) raised: count it as that
+        flow's failure and end the flow, as the supervisor does for a flow's task."""
+        self.supervisor.failed(unit, error)
+        try:
+            self.flow_failed(flow)
+        except Exception:  # the engine is beyond sending RST: at least forget the flow
+            self._close_flow(flow)
 
     def flow_failed(self, flow: TcpFlow) -> None:
         """A flow's task raised (the supervisor counted it): reset both sides, close the

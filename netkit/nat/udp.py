@@ -35,7 +35,7 @@ from ..wire.icmpv4 import DEST_UNREACHABLE, UNREACH_ADMIN, UNREACH_PORT
 from ..wire.ipv4 import PROTO_UDP
 from .errqueue import error_frame_for_guest, read_errors
 from .flowtable import IdleFlowTable
-from .gate import HostGate, Refusal
+from .gate import MAX_ROUTES_PER_FLOW, HostGate, Refusal
 from .host import HostNetwork, translate_destination, translate_source
 
 if TYPE_CHECKING:
@@ -54,8 +54,6 @@ log = logging.getLogger("netkit.nat.udp")
 
 #: Marks a destination the policy refused.
 _DENIED = object()
-#: Policy answers remembered per flow (a flow spraying destinations is re-asked).
-_MAX_TARGETS_PER_FLOW = 256
 #: Most datagrams read from one flow socket before yielding to other tasks.
 _READ_BATCH = 64
 
@@ -166,7 +164,7 @@ class UdpNat:
         route = self.gate.route("udp", IPv4Address(ip.src), IPv4Address(ip.dst), udp.dst_port,
                                 switch_port=flow.port.id)
         target = _DENIED if type(route) is Refusal else (str(route.address), route.port)
-        if len(flow.targets) >= _MAX_TARGETS_PER_FLOW:
+        if len(flow.targets) >= MAX_ROUTES_PER_FLOW:
             flow.targets.clear()
         flow.targets[(ip.dst, udp.dst_port)] = target
         return target

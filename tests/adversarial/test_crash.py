@@ -191,6 +191,11 @@ class _RaisingStreamSocket(socket.socket):
         raise InjectedFailure("recv on a broken host socket")
 
 
+class _RaisingSendSocket(socket.socket):
+    def send(self, *args):
+        raise InjectedFailure("send on a broken host socket")
+
+
 class _RaisingDatagramSocket(socket.socket):
     def recvfrom(self, *args):
         raise InjectedFailure("recvfrom on a broken host socket")
@@ -213,7 +218,7 @@ class BreakingHost(HostNetwork):
     ``ping_server``, so echo works without a raw socket or the ping_group_range."""
 
     def __init__(self, ping_server: int) -> None:
-        self.fail_next = {"tcp": 0, "udp": 0, "icmp": 0}
+        self.fail_next = {"tcp": 0, "tcp-send": 0, "udp": 0, "icmp": 0}
         self.ping_server = ping_server
 
     def _armed(self, kind: str) -> bool:
@@ -224,6 +229,8 @@ class BreakingHost(HostNetwork):
 
     async def connect_tcp(self, address, port):
         sock = await super().connect_tcp(address, port)
+        if self._armed("tcp-send"):
+            return _adopt(_RaisingSendSocket, sock)
         return _adopt(_RaisingStreamSocket, sock) if self._armed("tcp") else sock
 
     def udp_socket(self):
@@ -311,6 +318,42 @@ async def test_forced_tcp_nat_failure_resets_that_connection_only(tmp_path):
         good = await victim.open_tcp_stream(HOST_ALIAS, port)
         with trio.fail_after(5):
             assert await good.receive_some() == b"hello"
+        await _victim_unaffected(switch, victim, echo)
+
+
+async def test_forced_failure_in_the_tcp_batch_path_resets_that_connection_only(tmp_path):
+    """Guest data is written to the host socket synchronously at the end of a batch of
+    frames (``TcpNat.flush``); a failure there ends that connection, not the guest's port
+    nor the rest of the batch."""
+    async with _broken_world(tmp_path) as (switch, host, attacker, victim, echo, nursery):
+        listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+        port = listener.socket.getsockname()[1]
+
+        async def echo_stream(stream):
+            async with stream:
+                try:
+                    async for data in stream:
+                        await stream.send_all(data)
+                except trio.BrokenResourceError:
+                    pass  # the broken connection is reset
+
+        nursery.start_soon(trio.serve_listeners, echo_stream, [listener])
+        kept = await attacker.open_tcp_stream(HOST_ALIAS, port)
+        host.fail_next["tcp-send"] = 1
+        broken = await attacker.open_tcp_stream(HOST_ALIAS, port)
+        await broken.send_all(b"break me")
+        await wait_until(lambda: _errors(switch, "tcp-flush") == 1, what="the failure counted")
+        with trio.fail_after(5):
+            try:
+                data = await broken.receive_some()
+            except Exception:
+                data = b""
+        assert data == b""  # reset, not left hanging
+        # The same guest's other connection, and its port, carry on.
+        await kept.send_all(b"still here")
+        with trio.fail_after(5):
+            assert await kept.receive_some() == b"still here"
+        assert len(switch.ports()) == 2 and _errors(switch) == 1
         await _victim_unaffected(switch, victim, echo)
 
 
