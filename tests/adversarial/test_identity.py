@@ -325,18 +325,27 @@ async def test_virtual_subnet_addresses_are_never_host_connects(netkit_switch, h
 async def test_kernel_guest_routed_to_an_unassigned_address_gets_host_unreachable(netkit_switch, netns_guest,
                                                                                  recording_host):
     require_tool("busybox")
-    await netns_guest.udhcpc()
+    lease = await netns_guest.udhcpc()
+    # An address of the subnet nobody holds (not the guest's own, whatever it leased).
+    held = {str(other.ip) for other in netkit_switch.leases()} | {lease["ip"]}
+    unassigned = next(str(a) for a in netkit_switch.config.subnet.hosts()
+                      if a >= IPv4Address(UNASSIGNED) and str(a) not in held)
     # Through the gateway, as a guest with a /32 route (or a static ARP entry) would send it.
-    netns_guest.netns.ip("route", "add", f"{UNASSIGNED}/32", "via", GATEWAY)
+    netns_guest.netns.ip("route", "add", f"{unassigned}/32", "via", GATEWAY)
     out = await netns_guest.run([sys.executable, "-c", f"""
 import socket
+s = socket.socket()
+s.settimeout(10)
 try:
-    socket.create_connection(("{UNASSIGNED}", 80), timeout=10)
-    print("connected")
+    s.connect(("{unassigned}", 80))
+    print("connected", s.getsockname(), s.getpeername())
 except OSError as e:
     print(e.errno)
 """])
-    assert out.stdout.decode().strip() == str(errno.EHOSTUNREACH), out
+    route = (await netns_guest.run(["ip", "route", "get", unassigned])).stdout.decode()
+    assert out.stdout.decode().strip() == str(errno.EHOSTUNREACH), (
+        out, lease, route, dict(netkit_switch.drops), dict(netkit_switch.gateway.drops),
+        netkit_switch.tcp_nat.statistics(), [f.describe() for f in netkit_switch.tcp_nat.flows()])
     assert recording_host.tcp_connects == []
     assert netkit_switch.gateway.drops["to-unassigned"] >= 1
 
