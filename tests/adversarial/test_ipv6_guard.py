@@ -134,7 +134,8 @@ async def test_kernel_guest_keeps_no_rogue_router(hostile_factory, netns_guest, 
     no default route, no address from the rogue prefix: the RA never reached it."""
     require_privileged()
     victim = netns_guest
-    await victim.run(["sysctl", "-qw", f"net.ipv6.conf.{victim.ifname}.accept_ra=2"], check=True)
+    # (through /proc, not sysctl(8): procps is not part of a minimal Debian)
+    await victim.run(["sh", "-c", f"echo 2 > /proc/sys/net/ipv6/conf/{victim.ifname}/accept_ra"], check=True)
     await victim.run(["ip", "link", "set", victim.ifname, "up"], check=True)
     link_local = await wait_for_link_local(victim)
     attacker = await hostile_factory(lease=True)
