@@ -189,9 +189,9 @@ async def open_switch(config: Config | None = None, *, host: HostNetwork | None 
             gateway = Gateway(config, switch, trio.current_time, supervisor)
             # The one way out for every guest flow and proxy connection.
             gate = HostGate(config, switch.policy, host)
-            tcp_nat = TcpNat(config, gateway, nursery, supervisor, gate=gate)
-            udp_nat = UdpNat(config, gateway, nursery, supervisor, gate=gate)
-            icmp_nat = IcmpNat(config, gateway, nursery, supervisor, gate=gate)
+            tcp_nat = TcpNat(config, gateway, nursery, supervisor, gate)
+            udp_nat = UdpNat(config, gateway, nursery, supervisor, gate)
+            icmp_nat = IcmpNat(config, gateway, nursery, supervisor, gate)
             _wire(switch, gateway, tcp_nat, udp_nat, icmp_nat)
             forwarder = PortForwarder(config, gateway, tcp_nat, udp_nat, nursery, supervisor)
             dns = _start_dns(config, gateway, tcp_nat, switch.policy, supervisor)

@@ -237,11 +237,7 @@ class Switch:
         for mac in port.macs:
             if self._mac_table.get(mac) is port:
                 del self._mac_table[mac]
-        for hook in self._detach_hooks:
-            try:
-                hook(port)
-            except Exception:  # a hook's bug must not wedge the switch
-                log.exception("detach hook failed for port %d", port.id)
+        self._call_hooks(self._detach_hooks, "port-detached", port)
         log.info("port %d detached: %s", port.id, port.link.name)
 
     # ----- IP port security -----
@@ -267,11 +263,16 @@ class Switch:
         self._ip_owners[ip] = mac
 
     def _address_unbound(self, ip: bytes) -> None:
-        for hook in self._unbound_hooks:
+        self._call_hooks(self._unbound_hooks, "address-unbound", ip)
+
+    def _call_hooks(self, hooks: list, unit: str, *args) -> None:
+        """Tell every component of an event; one whose hook raises is counted and logged
+        as a flow error, and the others are still told (a bug must not wedge the switch)."""
+        for hook in hooks:
             try:
-                hook(ip)
-            except Exception as e:  # a hook's bug must not wedge the switch
-                self.supervisor.failed("address-unbound", e)
+                hook(*args)
+            except Exception as error:
+                self.supervisor.failed(unit, error)
 
     def bound_ip(self, mac: bytes) -> bytes | None:
         """The address bound to ``mac`` (packed), or None."""
@@ -374,11 +375,7 @@ class Switch:
             del self._mac_table[old]
         self.macs_relearned += 1
         log.info("port %d: %s replaced by a new MAC", port.id, format_mac(old))
-        for hook in self._mac_replaced_hooks:
-            try:
-                hook(port, old)
-            except Exception:  # a hook's bug must not wedge the switch
-                log.exception("mac-replaced hook failed for port %d", port.id)
+        self._call_hooks(self._mac_replaced_hooks, "mac-replaced", port, old)
         # Whatever the hooks did, the old MAC keeps no address.
         self.bind_ip(old, None)
 

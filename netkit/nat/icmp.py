@@ -32,7 +32,7 @@ from ..wire.ipv4 import PROTO_ICMP
 from .errqueue import error_frame_for_guest, read_errors
 from .flowtable import IdleFlowTable
 from .gate import DENIED, MAX_ROUTES_PER_FLOW, UNREACHABLE, HostGate
-from .host import HostNetwork, translate_source
+from .host import translate_source
 
 if TYPE_CHECKING:
     from ..gateway import Gateway
@@ -74,15 +74,14 @@ class EchoFlow:
 
 class IcmpNat:
     def __init__(self, config: Config, gateway: "Gateway", nursery: trio.Nursery, supervisor: Supervisor,
-                 host: HostNetwork | None = None, gate: HostGate | None = None) -> None:
+                 gate: HostGate) -> None:
         self.config = config
         self.gateway = gateway
         self.nursery = nursery
         #: Runs the socket readers: a failing flow is released alone (counted, logged).
         self.supervisor = supervisor
-        #: The one way out (translation, policy, host sockets); ``host`` makes its sockets.
-        self.gate = gate if gate is not None else HostGate(config, gateway.switch.policy, host)
-        self.host = self.gate.host
+        #: The one way out: translation, policy, host sockets (shared by every path out).
+        self.gate = gate
         self._by_wire_ident: dict[int, EchoFlow] = {}
         self._idents = itertools.cycle(range(1, 0x10000))
         self._raw: socket.socket | None = None

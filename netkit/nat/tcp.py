@@ -55,7 +55,6 @@ from ..wire.icmpv4 import DEST_UNREACHABLE, UNREACH_HOST, UNREACH_NET
 from ..wire.ipv4 import PROTO_TCP
 from ..timers import TimerHeap
 from .gate import DENIED, HostGate, Refusal, Route
-from .host import HostNetwork
 
 if TYPE_CHECKING:
     from ..gateway import Gateway
@@ -136,16 +135,15 @@ class TcpNat:
     """The TCP handler of a gateway: NAT for guest connections, RST for closed ports."""
 
     def __init__(self, config: Config, gateway: "Gateway", nursery: trio.Nursery, supervisor: Supervisor,
-                 host: HostNetwork | None = None, gate: HostGate | None = None) -> None:
+                 gate: HostGate) -> None:
         self.config = config
         self.gateway = gateway
         self.nursery = nursery
         #: Runs every flow's task: one that fails is reset (the guest gets RST), counted
         #: as a flow error, and nothing else is touched.
         self.supervisor = supervisor
-        #: The one way out (translation, policy, host sockets); ``host`` makes its sockets.
-        self.gate = gate if gate is not None else HostGate(config, gateway.switch.policy, host)
-        self.host = self.gate.host
+        #: The one way out: translation, policy, host sockets (shared by every path out).
+        self.gate = gate
         mss = config.mtu - 40
         self.settings = TcpSettings(mss=mss)
         # With offloads the guest's kernel cuts our large segments at its MSS; a GSO packet

@@ -35,8 +35,8 @@ from ..wire.icmpv4 import DEST_UNREACHABLE, UNREACH_ADMIN, UNREACH_PORT
 from ..wire.ipv4 import PROTO_UDP
 from .errqueue import error_frame_for_guest, read_errors
 from .flowtable import IdleFlowTable
-from .gate import MAX_ROUTES_PER_FLOW, HostGate, Refusal
-from .host import HostNetwork, translate_destination, translate_source
+from .gate import MAX_ROUTES_PER_FLOW, UNREACHABLE, HostGate, Refusal
+from .host import translate_source
 
 if TYPE_CHECKING:
     from ..gateway import Gateway
@@ -52,8 +52,10 @@ def _flow_port(flow) -> "Port":
 
 log = logging.getLogger("netkit.nat.udp")
 
-#: Marks a destination the policy refused.
+#: Mark destinations the gate refused: by policy (ICMP admin-prohibited), or because
+#: nothing is there (the gateway, a disabled host alias: ICMP port unreachable).
 _DENIED = object()
+_UNREACHABLE = object()
 #: Most datagrams read from one flow socket before yielding to other tasks.
 _READ_BATCH = 64
 
@@ -73,7 +75,7 @@ class UdpFlow:
     bytes_to_guest: int = 0
     closed: bool = False
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    #: (virtual IP, port) -> where datagrams really go (or _DENIED), decided once by the policy.
+    #: (virtual IP, port) -> where datagrams really go (or a refusal mark), decided once by the gate.
     targets: dict = field(default_factory=dict)
 
     def describe(self) -> dict:
@@ -91,15 +93,14 @@ class UdpNat:
     """The UDP handler of a gateway (packets to destinations other than the gateway)."""
 
     def __init__(self, config: Config, gateway: "Gateway", nursery: trio.Nursery, supervisor: Supervisor,
-                 host: HostNetwork | None = None, gate: HostGate | None = None) -> None:
+                 gate: HostGate) -> None:
         self.config = config
         self.gateway = gateway
         self.nursery = nursery
         #: Runs each flow's reader: one that fails is released alone (counted, logged).
         self.supervisor = supervisor
-        #: The one way out (translation, policy, host sockets); ``host`` makes its sockets.
-        self.gate = gate if gate is not None else HostGate(config, gateway.switch.policy, host)
-        self.host = self.gate.host
+        #: The one way out: translation, policy, host sockets (shared by every path out).
+        self.gate = gate
         self.counters: collections.Counter[str] = collections.Counter()
         #: (guest IP, guest port) -> flow.
         self.flows: IdleFlowTable[tuple[bytes, int], UdpFlow] = IdleFlowTable(
@@ -121,27 +122,32 @@ class UdpNat:
             if handler is not None:
                 handler(ip, udp)
                 return
-        real = translate_destination(self.config, IPv4Address(ip.dst))
-        if real is None:
-            self.port_unreachable(port, src_mac, ip, now)
-            return
         key = (ip.src, udp.src_port)
         flow = self.flows.get(key)
+        if flow is not None and flow.port is not port:
+            self.counters["wrong-port"] += 1
+            return
+        destination = (ip.dst, udp.dst_port)
+        # The gate decides once per flow and destination; later datagrams use its answer.
+        target = flow.targets.get(destination) if flow is not None else None
+        if target is None:
+            target = self._decide(port, ip, udp)
+        if target is _UNREACHABLE:  # the gateway or a disabled host alias: nobody serves it
+            self.port_unreachable(port, src_mac, ip, now)
+            return
+        if target is _DENIED:
+            self._prohibited(port, src_mac, ip)
+            return
         if flow is None:
             flow = self._open_flow(port, src_mac, ip.src, udp.src_port, now)
             if flow is None:
                 return
-        elif flow.port is not port:
-            self.counters["wrong-port"] += 1
-            return
+        targets = flow.targets
+        if destination not in targets:
+            if len(targets) >= MAX_ROUTES_PER_FLOW:
+                targets.clear()
+            targets[destination] = target
         flow.last_active = now
-        destination = (ip.dst, udp.dst_port)
-        target = flow.targets.get(destination)
-        if target is None:
-            target = self._decide(flow, ip, udp)
-        if target is _DENIED:
-            self._prohibited(port, src_mac, ip)
-            return
         payload = udp.payload
         try:
             flow.sock.sendto(payload, target)
@@ -150,7 +156,7 @@ class UdpNat:
             return
         except OSError as e:
             self.counters["host-send-errors"] += 1
-            log.debug("udp sendto %s:%d failed: %s", real, udp.dst_port, e)
+            log.debug("udp sendto %s failed: %s", target, e)
             return
         except Exception as error:  # a broken flow ends alone
             self.supervisor.failed("udp-nat", error)
@@ -159,15 +165,13 @@ class UdpNat:
         flow.datagrams_to_host += 1
         flow.bytes_to_host += len(payload)
 
-    def _decide(self, flow: UdpFlow, ip: Ipv4View, udp: UdpView):
-        """Ask the gate once per (flow, destination); remember the answer (bounded)."""
+    def _decide(self, port: "Port", ip: Ipv4View, udp: UdpView):
+        """The gate's answer for one destination: a sendto() address, or a refusal marker."""
         route = self.gate.route("udp", IPv4Address(ip.src), IPv4Address(ip.dst), udp.dst_port,
-                                switch_port=flow.port.id)
-        target = _DENIED if type(route) is Refusal else (str(route.address), route.port)
-        if len(flow.targets) >= MAX_ROUTES_PER_FLOW:
-            flow.targets.clear()
-        flow.targets[(ip.dst, udp.dst_port)] = target
-        return target
+                                switch_port=port.id)
+        if route is UNREACHABLE:
+            return _UNREACHABLE
+        return _DENIED if type(route) is Refusal else (str(route.address), route.port)
 
     def _prohibited(self, port: "Port", src_mac: bytes, ip: Ipv4View) -> None:
         self.counters["policy-denied"] += 1
